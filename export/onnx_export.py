@@ -1,0 +1,151 @@
+"""torch -> ONNX with a pinned opset and dynamic axes, the ONNX checker, then numerical verification.
+
+Verification runs torch and ONNX Runtime on held-out inputs at several batch sizes (and, for dynamic
+sequence axes, several lengths) and reports every mismatch at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import ExportError, VerificationError
+from core.files import atomic_write
+from core.results import Artifact, StageResult, Status, timed
+from training.recipes import Recipe
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+
+
+class Tolerance(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0)
+
+
+class ExportConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset the graph is exported with")
+    tolerance: Tolerance = Tolerance()
+    output_tolerances: dict[str, Tolerance] = Field(default_factory=dict, description="per output name; else `tolerance`")
+    verify_batch_sizes: tuple[int, ...] = Field((1, 7), min_length=1)
+    verify_samples: int = Field(32, ge=1, description="held-out samples compared per shape")
+
+
+def _dynamic_shapes(recipe: Recipe) -> dict[str, dict[int, torch.export.Dim]]:
+    shapes = {}
+    for spec in recipe.inputs:
+        axes = {0: torch.export.Dim("batch", min=1, max=recipe.max_batch_size)}
+        for axis, (low, _, high) in spec.ranges.items():
+            axes[axis + 1] = torch.export.Dim(f"{spec.name}_axis{axis + 1}", min=low, max=high)
+        shapes[spec.name] = axes
+    return shapes
+
+
+def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, config: ExportConfig) -> StageResult:
+    """Export, check and verify; returns the stage result with `model.onnx` and the verification report."""
+    out_path = Path(out_dir) / ONNX_FILE
+    model = model.eval().to("cpu")
+    examples = recipe.example_inputs(batch_size=2)
+    args = tuple(torch.from_numpy(examples[spec.name]) for spec in recipe.inputs)
+    with timed() as clock:
+        try:
+            # the exporter prints progress lines, warns that torchvision ops are absent and about pytree internals
+            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                program = torch.onnx.export(
+                    model, args, dynamo=True, opset_version=config.opset, optimize=True,
+                    input_names=[spec.name for spec in recipe.inputs], output_names=[spec.name for spec in recipe.outputs],
+                    dynamic_shapes=_dynamic_shapes(recipe),
+                )
+        except Exception as error:
+            raise ExportError(f"torch.onnx.export failed for recipe '{recipe.name}' at opset {config.opset}: {error}") from error
+        atomic_write(out_path, lambda tmp: program.save(str(tmp)))
+        onnx_model = onnx.load(str(out_path))
+        try:
+            onnx.checker.check_model(onnx_model, full_check=True)
+        except onnx.checker.ValidationError as error:
+            out_path.unlink(missing_ok=True)
+            raise ExportError(f"onnx.checker rejected the exported graph of '{recipe.name}': {error}") from error
+        check_interface(recipe, onnx_model)
+        report = verify_onnx(recipe, model, out_path, config)
+    return StageResult(
+        stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=[Artifact.of(out_path)],
+        outputs={"onnx": str(out_path), "opset": config.opset, "verification": report,
+                 "torch": torch.__version__, "onnx_version": onnx.__version__, "onnxruntime": ort.__version__},
+    )
+
+
+def check_interface(recipe: Recipe, onnx_model: onnx.ModelProto) -> None:
+    """The graph's input and output names must be the recipe's, in order."""
+    initializers = {init.name for init in onnx_model.graph.initializer}
+    got_inputs = [value.name for value in onnx_model.graph.input if value.name not in initializers]
+    got_outputs = [value.name for value in onnx_model.graph.output]
+    want_inputs, want_outputs = [s.name for s in recipe.inputs], [s.name for s in recipe.outputs]
+    if got_inputs != want_inputs or got_outputs != want_outputs:
+        raise ExportError(
+            f"exported graph of '{recipe.name}' has inputs {got_inputs} and outputs {got_outputs}, "
+            f"expected inputs {want_inputs} and outputs {want_outputs}"
+        )
+
+
+def _verification_inputs(recipe: Recipe, config: ExportConfig) -> list[dict[str, np.ndarray]]:
+    """Held-out batches at each verification batch size, and for dynamic axes their min and middle sizes."""
+    cases = []
+    for batch_size in config.verify_batch_sizes:
+        for batch in recipe.eval_batches(batch_size, max_samples=max(batch_size, config.verify_samples)):
+            cases.append(batch.inputs)
+    extra = []
+    for spec in recipe.inputs:
+        for axis, (low, opt, _) in spec.ranges.items():
+            for length in sorted({low, max(low, opt // 2)}):
+                extra.append({name: (array.take(range(array.shape[axis + 1] - length, array.shape[axis + 1]), axis=axis + 1)
+                                     if name == spec.name else array) for name, array in cases[0].items()})
+    return cases + extra
+
+
+def verify_onnx(recipe: Recipe, model: torch.nn.Module, onnx_path: str | Path, config: ExportConfig) -> dict:
+    """Compare ONNX Runtime with torch on held-out inputs; raise `VerificationError` listing every mismatch."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [spec.name for spec in recipe.outputs]
+    worst = {name: 0.0 for name in names}
+    mismatches, cases = [], _verification_inputs(recipe, config)
+    for inputs in cases:
+        with torch.no_grad():
+            expected = model(*(torch.from_numpy(inputs[s.name]) for s in recipe.inputs))
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        got = session.run(names, inputs)
+        shapes = {name: list(array.shape) for name, array in inputs.items()}
+        for name, reference, actual in zip(names, expected, got):
+            reference = reference.float().numpy()
+            tolerance = config.output_tolerances.get(name, config.tolerance)
+            if reference.shape != actual.shape:
+                mismatches.append(f"output '{name}' for inputs {shapes}: shape {list(actual.shape)}, expected {list(reference.shape)}")
+                continue
+            difference = np.abs(actual.astype(np.float64) - reference)
+            worst[name] = max(worst[name], float(difference.max(initial=0.0)))
+            bad = difference > tolerance.atol + tolerance.rtol * np.abs(reference)
+            if bad.any():
+                where = np.unravel_index(np.argmax(difference), difference.shape)
+                mismatches.append(
+                    f"output '{name}' for inputs {shapes}: {int(bad.sum())} of {bad.size} values outside "
+                    f"atol={tolerance.atol} rtol={tolerance.rtol}; worst at {list(map(int, where))}: "
+                    f"onnx {actual[where]:.6g} vs torch {reference[where]:.6g}"
+                )
+    if mismatches:
+        raise VerificationError(mismatches)
+    return {"cases": len(cases), "max_abs_diff": worst}

@@ -1,0 +1,104 @@
+"""The one typed parameter model of the `train-export-serve` flow.
+
+Prefect stores its JSON schema on the deployment, so `prefect deployment run --param ...` with a value of the
+wrong type, out of range, or an unknown field is refused before a run is created. Checks that span fields
+(the recipe's own options, names) run when the model is built, all reported together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.errors import ConfigError, RecipeError
+from export.onnx_export import ExportConfig
+from serving.repository import ServingConfig, check_model_name
+from training.loop import TrainingConfig
+from training.recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, validation_problems
+
+RECIPE_PATTERN = r"^(stdlib-gpt|digits-cnn|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class ServingParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch_size: int | None = Field(None, ge=0, le=4096, description="None: the recipe's default; 0 disables batching")
+    dynamic_batching: bool = True
+    max_queue_delay_microseconds: int = Field(500, ge=0, le=10_000_000)
+    instance_count: int = Field(1, ge=1, le=64)
+    intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")
+    load: bool = Field(True, description="load the new version into the running Triton (tes up) when there is one")
+    triton_url: str | None = Field(None, description="host:port of Triton's HTTP endpoint; None: the one `tes up` started")
+
+
+class PipelineParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    recipe: str = Field("stdlib-gpt", pattern=RECIPE_PATTERN, description="built-in recipe or package.module:attribute")
+    model_name: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Triton model name; None: the recipe's name")
+    stdlib_gpt: StdlibGptOptions = StdlibGptOptions()
+    digits_cnn: DigitsCnnOptions = DigitsCnnOptions()
+    recipe_options: dict[str, Any] = Field(default_factory=dict, description="options of a user's own recipe")
+    training: TrainingConfig = TrainingConfig()
+    export: ExportConfig = ExportConfig()
+    serving: ServingParams = ServingParams()
+    runs_dir: str = Field("runs", min_length=1, description="where run folders go (relative to the project home)")
+    repository: str = Field("model_repository", min_length=1, description="the Triton model repository folder")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineParams":
+        problems = []
+        try:
+            recipe = self.build_recipe()
+        except (ConfigError, RecipeError) as error:
+            problems.extend(getattr(error, "problems", [str(error)]))
+        else:
+            limit = self.serving.max_batch_size
+            if limit is not None and limit > recipe.max_batch_size:
+                problems.append(
+                    f"serving.max_batch_size: {limit} is above what recipe '{recipe.name}' exports "
+                    f"({recipe.max_batch_size}); use at most {recipe.max_batch_size}"
+                )
+        try:
+            check_model_name(self.triton_model_name)
+        except Exception as error:
+            problems.append(f"model_name: {error}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def recipe_options_for(self) -> dict[str, Any] | BaseModel:
+        return {"stdlib-gpt": self.stdlib_gpt, "digits-cnn": self.digits_cnn}.get(self.recipe, self.recipe_options)
+
+    def build_recipe(self) -> Recipe:
+        return build_recipe(self.recipe, self.recipe_options_for())
+
+    @property
+    def triton_model_name(self) -> str:
+        return self.model_name or self.recipe.rpartition(":")[2].replace("_", "-")
+
+    def serving_config(self, recipe: Recipe) -> ServingConfig:
+        value_ranges = {spec.name: spec.value_range for spec in recipe.inputs if spec.value_range is not None}
+        max_dims = {spec.name: [spec.ranges[axis][2] if size == -1 else size for axis, size in enumerate(spec.shape)]
+                    for spec in recipe.inputs}
+        limit = recipe.max_batch_size if self.serving.max_batch_size is None else self.serving.max_batch_size
+        return ServingConfig(
+            max_batch_size=limit, dynamic_batching=self.serving.dynamic_batching,
+            max_queue_delay_microseconds=self.serving.max_queue_delay_microseconds,
+            instance_count=self.serving.instance_count, intra_op_threads=self.serving.intra_op_threads,
+            value_ranges=value_ranges, max_dims=max_dims,
+        )
+
+
+def parse_params(data: dict[str, Any] | None = None) -> PipelineParams:
+    """Build the parameters, turning every validation problem into one `ConfigError`."""
+    try:
+        return PipelineParams(**(data or {}))
+    except ValidationError as error:
+        problems = []
+        for line in validation_problems(error):
+            # an after-validator's message holds several problems, one per line, prefixed "Value error, "
+            problems.extend(part.strip() for part in line.split("\n") if part.strip())
+        raise ConfigError(problems, where="pipeline parameters") from error

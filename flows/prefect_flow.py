@@ -1,0 +1,53 @@
+"""The Prefect flow `train-export-serve`: every stage of `run_pipeline` runs as a Prefect task.
+
+    tes up
+    prefect deployment run 'train-export-serve/default' --watch --param recipe=digits-cnn --param training='{"steps": 100}'
+
+The flow's parameters are the fields of `PipelineParams`, one by one, so each can be set with its own
+`--param`; a test keeps the two lists equal.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Callable
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from export.onnx_export import ExportConfig
+from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
+from flows.pipeline import run_pipeline
+from training.loop import TrainingConfig
+from training.recipes import DigitsCnnOptions, StdlibGptOptions
+
+REPORT_ARTIFACT_KEY = "train-export-serve-report"
+
+
+def _as_task(stage: str, function: Callable, *args: Any) -> Any:
+    return task(function, name=stage, cache_policy=NO_CACHE, persist_result=False)(*args)
+
+
+def _publish(markdown: str) -> None:
+    create_markdown_artifact(markdown=markdown, key=REPORT_ARTIFACT_KEY, description="train-export-serve run report")
+
+
+@flow(name="train-export-serve", description="Train a recipe, export it to ONNX, deploy it to Triton and check it served.")
+def train_export_serve(
+    recipe: Annotated[str, Field(pattern=RECIPE_PATTERN)] = "stdlib-gpt",
+    model_name: Annotated[str | None, Field(pattern=MODEL_NAME_PATTERN)] = None,
+    stdlib_gpt: StdlibGptOptions = StdlibGptOptions(),
+    digits_cnn: DigitsCnnOptions = DigitsCnnOptions(),
+    recipe_options: dict[str, Any] = {},
+    training: TrainingConfig = TrainingConfig(),
+    export: ExportConfig = ExportConfig(),
+    serving: ServingParams = ServingParams(),
+    runs_dir: str = "runs",
+    repository: str = "model_repository",
+) -> dict:
+    params: PipelineParams = parse_params(dict(
+        recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
+        training=training, export=export, serving=serving, runs_dir=runs_dir, repository=repository,
+    ))
+    return run_pipeline(params, call=_as_task, publish=_publish)

@@ -1,0 +1,53 @@
+"""The run report: one markdown page (run folder `report.md`, and a Prefect artifact in flow runs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "samples")
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    stages = summary["stages"]
+    lines = [f"# train-export-serve run `{summary['run_id']}`", "", f"Run folder: `{summary['run_dir']}`", "",
+             "| stage | status | seconds | notes |", "| --- | --- | --- | --- |"]
+    for name, stage in stages.items():
+        lines.append(f"| {name} | {stage['status']} | {stage['seconds']:.1f} | {_stage_note(name, stage)} |")
+    train = stages.get("train", {}).get("outputs", {})
+    if train:
+        lines += ["", f"Trained {train['parameters']:,} parameters for {train['steps']} steps on {train['device']}"
+                  f"{' (bf16 autocast)' if train['autocast_bf16'] else ''}.",
+                  f"Validation (torch): {_metrics(train['validation'])}."]
+    export = stages.get("export", {}).get("outputs", {})
+    if export:
+        lines += [f"Validation (ONNX Runtime): {_metrics(export['validation_onnxruntime'])}.",
+                  f"ONNX opset {export['opset']}; verified on {export['verification']['cases']} input shapes, "
+                  f"max |onnx - torch| {max(export['verification']['max_abs_diff'].values()):.2e}."]
+    served = stages.get("served_check", {})
+    if served.get("status") == "ok":
+        out = served["outputs"]
+        for protocol in ("http", "grpc"):
+            if protocol in out:
+                lines.append(f"Served over {protocol}: max |served - ONNX Runtime| {out[protocol]['max_abs_diff_vs_onnxruntime']:.2e}, "
+                             f"top-1 agreement with torch {out[protocol]['top1_agreement_with_torch']:.3f}.")
+        latency = out["latency"]
+        lines.append(f"Latency at concurrency 1 over {latency['protocol']} ({latency['requests']} requests, input "
+                     f"{latency['input_shapes']}): served p50 {latency['served_p50_ms']:.2f} ms vs in-process ONNX Runtime "
+                     f"p50 {latency['onnxruntime_p50_ms']:.2f} ms (overhead {latency['serving_overhead_p50_ms']:.2f} ms).")
+    return "\n".join(lines) + "\n"
+
+
+def _stage_note(name: str, stage: dict[str, Any]) -> str:
+    if stage["status"] != "ok":
+        return stage.get("reason", "")
+    out = stage["outputs"]
+    if name == "deploy":
+        loaded = f"loaded, READY version {out['ready_version']}" if out.get("loaded") else f"not loaded: {out.get('load_skipped')}"
+        return f"`{out['model']}` version {out['version']}; {loaded}"
+    if name == "train":
+        return _metrics(out["validation"])
+    if name == "export":
+        return f"`{out['onnx']}`"
+    return ""

@@ -1,0 +1,129 @@
+"""Triton Python-backend model that runs an ONNX file with ONNX Runtime (the `python` repository flavour).
+
+Copied as-is into every version folder next to `model.onnx`; it needs only numpy, onnxruntime and Triton's
+`triton_python_backend_utils`, so it loads in the bundled server and in any Triton with a Python backend.
+It validates every request against the model's config before running it, and runs the requests that
+Triton's dynamic batcher hands it together, one ONNX Runtime call per distinct input shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+_TRITON_TO_NUMPY = {
+    "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_INT8": np.int8, "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP16": np.float16, "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+}
+
+
+def _parameter(config: dict, key: str, default: str | None = None) -> str | None:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        self.model_name = config["name"]
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+        self.inputs = [
+            (spec["name"], np.dtype(_TRITON_TO_NUMPY[spec["data_type"]]), [int(d) for d in spec["dims"]])
+            for spec in config["input"]
+        ]
+        self.output_names = [spec["name"] for spec in config["output"]]
+        self.value_ranges = json.loads(_parameter(config, "value_ranges", "{}"))
+        self.max_dims = json.loads(_parameter(config, "max_dims", "{}"))
+        onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        options = ort.SessionOptions()
+        threads = int(_parameter(config, "intra_op_threads", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(onnx_path, options, providers=self._providers(args))
+        self.provider = self.session.get_providers()[0]
+        pb_utils.Logger.log_info(f"{self.model_name}: ONNX Runtime {ort.__version__} on {self.provider}")
+
+    @staticmethod
+    def _providers(args: dict) -> list[str]:
+        available = ort.get_available_providers()
+        if args.get("model_instance_kind") == "GPU":
+            preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+            return [name for name in preferred if name in available] + ["CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    # --- validation --------------------------------------------------------------------------------
+    def _check(self, request) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """The request's inputs as arrays, or an error message naming the tensor, expected and got."""
+        arrays: dict[str, np.ndarray] = {}
+        for name, dtype, dims in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                return None, f"model '{self.model_name}': input '{name}' is missing"
+            array = tensor.as_numpy()
+            if array.dtype != dtype:
+                return None, f"model '{self.model_name}': input '{name}' has dtype {array.dtype}, expected {dtype}"
+            expected = ([-1] if self.max_batch_size else []) + dims
+            shape_ok = array.ndim == len(expected) and all(e in (-1, g) for e, g in zip(expected, array.shape))
+            if not shape_ok or 0 in array.shape:
+                return None, (
+                    f"model '{self.model_name}': input '{name}' has shape {list(array.shape)}, "
+                    f"expected {expected} (-1: any size >= 1)"
+                )
+            sample_shape = array.shape[1:] if self.max_batch_size else array.shape
+            limits = self.max_dims.get(name, [])
+            if any(size > limit for size, limit in zip(sample_shape, limits)):
+                return None, (
+                    f"model '{self.model_name}': input '{name}' has shape {list(array.shape)}, "
+                    f"expected at most {limits} per sample"
+                )
+            if self.max_batch_size and array.shape[0] > self.max_batch_size:
+                return None, (
+                    f"model '{self.model_name}': input '{name}' has batch {array.shape[0]}, "
+                    f"expected at most max_batch_size={self.max_batch_size}"
+                )
+            if name in self.value_ranges and array.size:
+                low, high = self.value_ranges[name]
+                if array.min() < low or array.max() > high:
+                    return None, (
+                        f"model '{self.model_name}': input '{name}' has values in [{array.min()}, {array.max()}], "
+                        f"expected values in [{low}, {high}]"
+                    )
+            arrays[name] = array
+        return arrays, None
+
+    # --- execution ---------------------------------------------------------------------------------
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        for index, request in enumerate(requests):
+            arrays, error = self._check(request)
+            if error:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+                continue
+            key = tuple(array.shape[1:] if self.max_batch_size else array.shape for array in arrays.values())
+            groups.setdefault(key, []).append((index, arrays))
+        for members in groups.values():
+            self._run_group(members, responses)
+        return responses
+
+    def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list) -> None:
+        if self.max_batch_size and len(members) > 1:
+            feeds = {name: np.concatenate([arrays[name] for _, arrays in members]) for name, _, _ in self.inputs}
+            outputs = self.session.run(self.output_names, feeds)
+            sizes = np.cumsum([arrays[self.inputs[0][0]].shape[0] for _, arrays in members])[:-1]
+            per_request = [np.split(output, sizes) for output in outputs]
+            for position, (index, _) in enumerate(members):
+                tensors = [pb_utils.Tensor(n, parts[position]) for n, parts in zip(self.output_names, per_request)]
+                responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            return
+        for index, arrays in members:
+            outputs = self.session.run(self.output_names, arrays)
+            tensors = [pb_utils.Tensor(name, output) for name, output in zip(self.output_names, outputs)]
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def finalize(self) -> None:
+        self.session = None

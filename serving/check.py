@@ -1,0 +1,64 @@
+"""Checks on a served model: its answers against in-process ONNX Runtime, and a concurrency-1 latency probe."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.client import connect, infer
+
+
+def ort_session(onnx_path: str | Path, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_served(urls: dict[str, str], model: str, batches: list[dict[str, np.ndarray]], onnx_path: str | Path) -> dict:
+    """Send each batch over every protocol in `urls`; report max |served - ONNX Runtime| and the first outputs."""
+    session = ort_session(onnx_path)
+    report: dict = {}
+    for protocol, url in urls.items():
+        client = connect(url, protocol)  # type: ignore[arg-type]
+        worst, served_first = 0.0, []
+        try:
+            for inputs in batches:
+                served = infer(url, model, inputs, protocol, client=client)  # type: ignore[arg-type]
+                expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
+                for name, array in expected.items():
+                    worst = max(worst, float(np.abs(served[name].astype(np.float64) - array).max(initial=0.0)))
+                served_first.append(served[session.get_outputs()[0].name])
+        finally:
+            client.close()
+        report[protocol] = {"batches": len(batches), "max_abs_diff_vs_onnxruntime": worst, "outputs": served_first}
+    return report
+
+
+def latency_probe(url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], onnx_path: str | Path, requests: int = 100) -> dict:
+    """p50 of one-at-a-time requests to the server vs in-process ONNX Runtime on the same input, side by side."""
+    session = ort_session(onnx_path)
+    client = connect(url, protocol)  # type: ignore[arg-type]
+    served_ms, local_ms = [], []
+    try:
+        for _ in range(10):  # warm-up both paths
+            infer(url, model, inputs, protocol, client=client)  # type: ignore[arg-type]
+            session.run(None, inputs)
+        for _ in range(requests):  # interleaved, so machine noise hits both alike
+            start = time.perf_counter()
+            infer(url, model, inputs, protocol, client=client)  # type: ignore[arg-type]
+            served_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            session.run(None, inputs)
+            local_ms.append((time.perf_counter() - start) * 1e3)
+    finally:
+        client.close()
+    served_p50, local_p50 = statistics.median(served_ms), statistics.median(local_ms)
+    return {
+        "protocol": protocol, "requests": requests, "input_shapes": {k: list(v.shape) for k, v in inputs.items()},
+        "served_p50_ms": served_p50, "onnxruntime_p50_ms": local_p50, "serving_overhead_p50_ms": served_p50 - local_p50,
+    }

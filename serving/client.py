@@ -1,0 +1,78 @@
+"""Client helpers over KServe v2 HTTP and gRPC (`tritonclient`), and model control through the repository API."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from core.errors import InferenceError, ServerError
+
+Protocol = Literal["http", "grpc"]
+
+
+def connect(url: str, protocol: Protocol = "http", timeout_s: float = 60.0):
+    if protocol == "http":
+        return httpclient.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    if protocol == "grpc":
+        return grpcclient.InferenceServerClient(url)
+    raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+
+
+def infer(
+    url: str, model: str, inputs: dict[str, np.ndarray], protocol: Protocol = "http", version: str = "", client=None
+) -> dict[str, np.ndarray]:
+    """One request; returns every output by name. Raises `InferenceError` with the server's message."""
+    module = httpclient if protocol == "http" else grpcclient
+    owned = client is None
+    client = client or connect(url, protocol)
+    request = []
+    for name, array in inputs.items():
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        request.append(tensor)
+    try:
+        result = client.infer(model, request, model_version=version)
+    except InferenceServerException as error:
+        raise InferenceError(f"model '{model}' at {url} over {protocol}: {error.message()}") from error
+    finally:
+        if owned:
+            client.close()
+    response = result.get_response()
+    outputs = response["outputs"] if protocol == "http" else response.outputs
+    names = [output["name"] if protocol == "http" else output.name for output in outputs]
+    return {name: result.as_numpy(name) for name in names}
+
+
+def load_model(url: str, model: str, timeout_s: float = 120.0) -> str:
+    """Ask Triton (explicit model control) to load or reload `model`; returns the ready version."""
+    client = connect(url, "http", timeout_s)
+    try:
+        client.load_model(model)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            index = client.get_model_repository_index()
+            ready = [entry for entry in index if entry.get("name") == model and entry.get("state") == "READY"]
+            if ready:
+                return str(ready[0].get("version", ""))
+            time.sleep(0.2)
+    except InferenceServerException as error:
+        raise ServerError(f"Triton at {url} failed to load model '{model}': {error.message()}") from error
+    finally:
+        client.close()
+    raise ServerError(f"model '{model}' was not READY on {url} after {timeout_s:.0f} s")
+
+
+def model_states(url: str) -> list[dict]:
+    """The repository index: name, version, state (and reason) of each model Triton knows."""
+    client = connect(url, "http", 10)
+    try:
+        return client.get_model_repository_index()
+    except Exception as error:  # connection refused comes as several exception types
+        raise ServerError(f"cannot reach Triton at {url}: {error}") from error
+    finally:
+        client.close()

@@ -1,0 +1,210 @@
+"""The Triton model repository writer.
+
+A new version is assembled in `<model>/.staging-*` (Triton ignores folders whose names are not numbers),
+checksummed, then renamed to its number in one step, so Triton never sees a half-written version.
+`config.pbtxt` comes from Triton's own `ModelConfig` protobuf, never from a string template.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from core.errors import ChecksumError, RepositoryError
+from core.files import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+
+BACKEND_MODEL_FILE = Path(__file__).parent / "backend" / "model.py"
+STAGING_PREFIX = ".staging-"
+VERSION_MANIFEST = "manifest.json"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16, onnx.TensorProto.DOUBLE: mc.TYPE_FP64,
+    onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.INT16: mc.TYPE_INT16,
+    onnx.TensorProto.INT8: mc.TYPE_INT8, onnx.TensorProto.UINT8: mc.TYPE_UINT8, onnx.TensorProto.BOOL: mc.TYPE_BOOL,
+}
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How Triton should run the model."""
+
+    max_batch_size: int = 32
+    dynamic_batching: bool = True
+    max_queue_delay_microseconds: int = 500
+    instance_count: int = 1
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default
+    value_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    max_dims: dict[str, list[int]] = field(default_factory=dict)  # per input, the largest size of each axis
+
+
+@dataclass(frozen=True)
+class VersionResult:
+    model_name: str
+    version: int
+    path: Path
+    config_path: Path
+    files: dict[str, str]  # file name -> sha256
+
+
+def check_model_name(name: str) -> str:
+    """Refuse names that could escape the repository or that Triton would misread."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name) or ".." in name:
+        raise RepositoryError(
+            f"model name {name!r} is not allowed: expected 1-128 characters of letters, digits, '_', '-', '.', "
+            "starting with a letter or digit, with no '/' and no '..' (for example 'stdlib-gpt')"
+        )
+    return name
+
+
+def model_dir(repository: Path, name: str) -> Path:
+    """`repository/name`, refusing any path (or symlink) that resolves outside the repository."""
+    root = Path(repository).resolve()
+    folder = root / check_model_name(name)
+    if folder.is_symlink() or (folder.exists() and folder.resolve().parent != root):
+        raise RepositoryError(
+            f"model folder {folder} is a symlink or resolves outside the repository {root}; "
+            "remove it, the writer only writes real folders inside the repository"
+        )
+    return folder
+
+
+def versions(folder: Path) -> list[int]:
+    if not folder.is_dir():
+        return []
+    return sorted(int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit())
+
+
+def clean_staging(folder: Path) -> list[Path]:
+    """Remove leftovers of writes that were killed before their rename."""
+    leftovers = [child for child in folder.glob(f"{STAGING_PREFIX}*") if child.is_dir()] if folder.is_dir() else []
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return leftovers
+
+
+def _io_from_onnx(onnx_path: Path, batched: bool) -> tuple[list[mc.ModelInput], list[mc.ModelOutput]]:
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+
+    def dims_and_type(value: onnx.ValueInfoProto) -> tuple[int, list[int]]:
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in _ONNX_TO_TRITON:
+            raise RepositoryError(f"tensor '{value.name}' in {onnx_path}: ONNX type {tensor.elem_type} has no Triton type")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        if batched:
+            if not dims or dims[0] not in (-1,):
+                raise RepositoryError(
+                    f"tensor '{value.name}' in {onnx_path}: first axis is {dims[:1]}, expected a dynamic batch axis "
+                    "for max_batch_size > 0; export with a dynamic batch axis or set max_batch_size=0"
+                )
+            dims = dims[1:]
+        return _ONNX_TO_TRITON[tensor.elem_type], dims
+
+    inputs = []
+    for value in graph.input:
+        if value.name in initializers:
+            continue
+        data_type, dims = dims_and_type(value)
+        inputs.append(mc.ModelInput(name=value.name, data_type=data_type, dims=dims))
+    outputs = []
+    for value in graph.output:
+        data_type, dims = dims_and_type(value)
+        outputs.append(mc.ModelOutput(name=value.name, data_type=data_type, dims=dims))
+    return inputs, outputs
+
+
+def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.ModelConfig:
+    """The `python`-flavour ModelConfig for an ONNX file, its tensors read from the ONNX graph."""
+    inputs, outputs = _io_from_onnx(onnx_path, batched=serving.max_batch_size > 0)
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=serving.max_batch_size)
+    config.input.extend(inputs)
+    config.output.extend(outputs)
+    config.instance_group.add(count=serving.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    config.version_policy.latest.num_versions = 1
+    if serving.dynamic_batching and serving.max_batch_size > 0:
+        config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_microseconds
+    config.parameters["intra_op_threads"].string_value = str(serving.intra_op_threads)
+    config.parameters["value_ranges"].string_value = json.dumps({k: list(v) for k, v in serving.value_ranges.items()})
+    config.parameters["max_dims"].string_value = json.dumps(serving.max_dims)
+    return config
+
+
+def config_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def write_version(
+    repository: str | Path, name: str, onnx_path: str | Path, serving: ServingConfig, provenance: dict | None = None
+) -> VersionResult:
+    """Write `repository/name/<next>/` (model.onnx, model.py, manifest.json) and `repository/name/config.pbtxt`."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise RepositoryError(f"ONNX file {onnx_path} does not exist; run the export stage first")
+    folder = model_dir(Path(repository), name)
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_staging(folder)
+    config = build_config(name, onnx_path, serving)
+
+    staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        shutil.copyfile(BACKEND_MODEL_FILE, staging / "model.py")
+        files = {path.name: sha256_file(path) for path in sorted(staging.iterdir())}
+        atomic_write_json(staging / VERSION_MANIFEST, {"model": name, "files": files, "provenance": provenance or {}})
+        config_path = atomic_write_text(folder / "config.pbtxt", config_text(config))
+        version = _rename_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return VersionResult(name, version, folder / str(version), config_path, files)
+
+
+def _rename_into_place(staging: Path, folder: Path) -> int:
+    """Rename to the next free number; a concurrent writer that took it makes us try the next one."""
+    for _ in range(100):
+        version = (versions(folder) or [0])[-1] + 1
+        target = folder / str(version)
+        try:
+            staging.rename(target)  # fails if `target` exists and is not empty
+        except OSError:
+            if target.exists():
+                continue
+            raise
+        fsync_dir(folder)
+        return version
+    raise RepositoryError(f"could not find a free version number in {folder}")
+
+
+def verify_version(version_path: str | Path) -> dict[str, str]:
+    """Check every file of a version against its manifest; raise `ChecksumError` on any difference."""
+    version_path = Path(version_path)
+    manifest_path = version_path / VERSION_MANIFEST
+    if not manifest_path.is_file():
+        raise ChecksumError(f"{version_path} has no {VERSION_MANIFEST}; it was not written by the repository writer")
+    recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    problems = []
+    for file_name, expected in recorded.items():
+        path = version_path / file_name
+        got = sha256_file(path) if path.is_file() else "missing"
+        if got != expected:
+            problems.append(f"{path}: sha256 {got[:16]}..., expected {expected[:16]}...")
+    if problems:
+        raise ChecksumError(
+            "artifacts changed since they were written:\n  - " + "\n  - ".join(problems)
+            + "\nRe-run the pipeline to write a fresh version; do not edit files inside a version folder."
+        )
+    return recorded
