@@ -31,6 +31,7 @@ class ServingParams(BaseModel):
     intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")
     load: bool = Field(True, description="load the new version into the running Triton (tes up) when there is one")
     triton_url: str | None = Field(None, description="host:port of Triton's HTTP endpoint; None: the one `tes up` started")
+    triton_grpc_url: str | None = Field(None, description="host:port of its gRPC endpoint, checked too when given")
 
 
 class PipelineParams(BaseModel):

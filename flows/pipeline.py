@@ -67,7 +67,7 @@ def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_path:
             outputs["load_skipped"] = "no Triton is running: start one with `tes up`, or set serving.triton_url"
         else:
             outputs["ready_version"] = client.load_model(url, name)
-            grpc_url = None if params.serving.triton_url else stack.triton_url("grpc")  # a remote one: HTTP only
+            grpc_url = params.serving.triton_grpc_url if params.serving.triton_url else stack.triton_url("grpc")
             outputs.update(loaded=True, triton_http=url, triton_grpc=grpc_url)
     return StageResult("deploy", Status.OK, clock["seconds"], outputs=outputs)
 

@@ -7,17 +7,16 @@ The flow's parameters are the fields of `PipelineParams`, one by one, so each ca
 `--param`; a test keeps the two lists equal.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any, Callable
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from export.onnx_export import ExportConfig
 from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
+from core.results import StageResult
 from flows.pipeline import run_pipeline
 from training.loop import TrainingConfig
 from training.recipes import DigitsCnnOptions, StdlibGptOptions
@@ -26,7 +25,13 @@ REPORT_ARTIFACT_KEY = "train-export-serve-report"
 
 
 def _as_task(stage: str, function: Callable, *args: Any) -> Any:
-    return task(function, name=stage, cache_policy=NO_CACHE, persist_result=False)(*args)
+    def run_stage(*stage_args: Any) -> StageResult:
+        result = function(*stage_args)
+        reason = f": {result.reason}" if result.reason else ""
+        get_run_logger().info("%s %s in %.1f s%s", stage, result.status.value, result.seconds, reason)
+        return result
+
+    return task(run_stage, name=stage, cache_policy=NO_CACHE, persist_result=False)(*args)
 
 
 def _publish(markdown: str) -> None:
@@ -50,4 +55,6 @@ def train_export_serve(
         recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
         training=training, export=export, serving=serving, runs_dir=runs_dir, repository=repository,
     ))
-    return run_pipeline(params, call=_as_task, publish=_publish)
+    summary = run_pipeline(params, call=_as_task, publish=_publish)
+    get_run_logger().info("run folder: %s", summary["run_dir"])
+    return summary

@@ -113,7 +113,6 @@ def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress:
         state = _load_checkpoint(checkpoint_path, recipe)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
         log.info("resuming from %s at step %d", checkpoint_path, step)
@@ -121,7 +120,7 @@ def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress:
     def checkpoint() -> None:
         _save_checkpoint(checkpoint_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": elapsed,
-            "history": history, "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "history": history, "torch_rng": torch.get_rng_state(),
             "recipe": recipe.describe(), "config": config.model_dump(),
         })
 
@@ -133,7 +132,7 @@ def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress:
         return metrics
 
     batches = recipe.train_batches(config.batch_size, generator)
-    for _ in range(step):  # keep the data order of an uninterrupted run
+    for _ in range(step):  # replay the seeded data order, so a resumed run sees what an uninterrupted one would
         next(batches)
     parameters = sum(p.numel() for p in model.parameters())
     bar = tqdm(total=config.steps, initial=step, desc=f"train {recipe.name}", disable=not progress, unit="step", leave=False)

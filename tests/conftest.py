@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny recipe configs, a private project home, and a real Triton on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+TINY_GPT = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "train_megabytes": 0.5, "validation_megabytes": 0.2}
+TINY_DIGITS = {"channels": 8, "hidden": 32}
+
+
+@pytest.fixture
+def tes_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private project home: runs/, model_repository/ and .tes/ all go under tmp_path."""
+    monkeypatch.setenv("TES_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def triton_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real bundled tritonserver on free ports, stopped (with its children) after the module."""
+    from serving import triton
+
+    root = tmp_path_factory.mktemp("triton")
+    server = triton.start(root / "model_repository", root / "work")
+    try:
+        yield server
+    finally:
+        triton.stop(server.pid)

@@ -1,0 +1,88 @@
+"""The whole pipeline in-process against a real Triton: served answers match ONNX Runtime and torch."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import InferenceError
+from flows.params import parse_params
+from flows.pipeline import run_pipeline
+from serving import client
+from serving.check import ort_session
+from tests.conftest import TINY_DIGITS, TINY_GPT
+from training.loop import load_trained, torch_predictor
+
+pytestmark = pytest.mark.integration
+
+CASES = {
+    "digits-cnn": {"recipe": "digits-cnn", "digits_cnn": TINY_DIGITS,
+                   "training": {"steps": 60, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 128}},
+    "stdlib-gpt": {"recipe": "stdlib-gpt", "stdlib_gpt": TINY_GPT,
+                   "training": {"steps": 20, "eval_every": 1000, "eval_samples": 64}},
+}
+
+
+@pytest.fixture(scope="module")
+def runs(triton_server, tmp_path_factory):
+    """Each recipe run once through the pipeline, deployed into the module's Triton."""
+    results = {}
+    for name, overrides in CASES.items():
+        params = parse_params({**overrides, "runs_dir": str(tmp_path_factory.mktemp("runs")), "repository": triton_server.repository,
+                               "serving": {"triton_url": triton_server.http_url, "triton_grpc_url": triton_server.grpc_url}})
+        results[name] = (params, run_pipeline(params))
+    return results
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs, triton_server, name):
+    _, summary = runs[name]
+    stages = summary["stages"]
+    assert [stages[s]["status"] for s in ("train", "export", "deploy", "served_check")] == ["ok"] * 4
+    deploy = stages["deploy"]["outputs"]
+    assert deploy["loaded"] and deploy["ready_version"] == str(deploy["version"])
+    check = stages["served_check"]["outputs"]
+    for protocol in ("http", "grpc"):
+        assert check[protocol]["max_abs_diff_vs_onnxruntime"] <= 1e-5
+        assert check[protocol]["top1_agreement_with_torch"] == 1.0
+    assert check["latency"]["served_p50_ms"] > 0 and (Path(summary["run_dir"]) / "report.md").is_file()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_served_outputs_match_onnxruntime_and_torch_top1(runs, triton_server, name):
+    params, summary = runs[name]
+    recipe = params.build_recipe()
+    version_dir = Path(summary["stages"]["deploy"]["outputs"]["path"])
+    session = ort_session(version_dir / "model.onnx")
+    predict = torch_predictor(load_trained(recipe, summary["stages"]["train"]["outputs"]["weights"]), recipe)
+    batch = list(recipe.eval_batches(16, max_samples=16))[0]
+    expected = session.run(None, batch.inputs)[0]
+    for protocol, url in (("http", triton_server.http_url), ("grpc", triton_server.grpc_url)):
+        served = client.infer(url, params.triton_model_name, batch.inputs, protocol)["logits"]
+        np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
+        assert np.array_equal(served.argmax(-1), predict(batch.inputs).argmax(-1))
+
+
+def test_a_second_run_rolls_the_model_to_the_next_version(runs, triton_server):
+    params, first = runs["digits-cnn"]
+    second = run_pipeline(params)
+    assert second["stages"]["deploy"]["outputs"]["version"] == first["stages"]["deploy"]["outputs"]["version"] + 1
+    states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
+    assert states[("digits-cnn", str(second["stages"]["deploy"]["outputs"]["version"]))] == "READY"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("bad, message", [
+    ({"tokens": np.zeros((1, 8), np.int32)}, "INT32"),                      # wrong dtype: Triton itself refuses
+    ({"tokens": np.full((1, 8), 256, np.int64)}, "expected values in [0, 255]"),
+    ({"tokens": np.full((1, 8), -1, np.int64)}, "expected values in [0, 255]"),
+    ({"tokens": np.zeros((1, 33), np.int64)}, "expected at most [32] per sample"),
+    ({"tokens": np.zeros((1, 4, 2), np.int64)}, "tokens"),                   # wrong rank
+])
+def test_bad_requests_are_refused_naming_the_tensor_and_the_server_stays_healthy(runs, triton_server, protocol, bad, message):
+    url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
+    with pytest.raises(InferenceError) as caught:
+        client.infer(url, "stdlib-gpt", bad, protocol)
+    assert message in str(caught.value)
+    good = client.infer(url, "stdlib-gpt", {"tokens": np.arange(8, dtype=np.int64)[None]}, protocol)
+    assert good["logits"].shape == (1, 256)
