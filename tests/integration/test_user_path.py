@@ -1,0 +1,90 @@
+"""The user path: `tes up`, `prefect deployment run --watch`, a READY model in Triton, `tes down`.
+
+Everything runs for real on free loopback ports in a private project home; `tes down` must leave nothing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serving import client, triton
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+TINY = ["--param", "recipe=digits-cnn", "--param", 'digits_cnn={"channels": 8, "hidden": 32}',
+        "--param", 'training={"steps": 40, "learning_rate": 0.01, "eval_every": 1000, "eval_samples": 128}']
+
+
+def _flow_run_count(api_url: str) -> int:
+    request = urllib.request.Request(f"{api_url}/flow_runs/count", data=b"{}", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return int(json.loads(response.read()))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "TES_HOME": str(home)}
+    ports = [str(triton.free_port()) for _ in range(4)]
+    up = subprocess.run([str(BIN / "tes"), "up", "--prefect-port", ports[0], "--http-port", ports[1],
+                         "--grpc-port", ports[2], "--metrics-port", ports[3]], env=env, capture_output=True, text=True, timeout=300)
+    state_path = home / ".tes" / "stack.json"
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads(state_path.read_text())
+        prefect_env = subprocess.run([str(BIN / "tes"), "env"], env=env, capture_output=True, text=True, check=True).stdout
+        for line in prefect_env.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        yield home, env, state
+    finally:
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        subprocess.run([str(BIN / "tes"), "down"], env=env, capture_output=True, timeout=120)
+        for part in ("prefect", "runner", "triton"):  # never leave a process behind, even when `tes down` failed
+            if state and triton.pid_alive(state[part]["pid"]):
+                triton.stop(state[part]["pid"])
+
+
+def _deployment_run(env: dict, *params: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "prefect"), "deployment", "run", "train-export-serve/default", "--watch", *params],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_deployment_run_trains_exports_and_serves(stack):
+    home, env, state = stack
+    run = _deployment_run(env, *TINY)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Completed" in run.stdout
+    url = f"127.0.0.1:{state['triton']['http_port']}"
+    ready = [e for e in client.model_states(url) if e["name"] == "digits-cnn" and e.get("state") == "READY"]
+    assert [e["version"] for e in ready] == ["1"]
+    summary = json.loads((Path(json.loads((home / ".tes" / "last-run.json").read_text())["run_dir"]) / "summary.json").read_text())
+    assert summary["stages"]["served_check"]["outputs"]["grpc"]["top1_agreement_with_torch"] == 1.0
+
+
+def test_invalid_parameter_exits_non_zero_and_creates_no_run(stack):
+    home, env, state = stack
+    before = _flow_run_count(state["prefect"]["api_url"])
+    runs_before = sorted((home / "runs").iterdir()) if (home / "runs").exists() else []
+    run = _deployment_run(env, "--param", 'training={"steps": 0}')
+    assert run.returncode != 0
+    assert "Validation failed" in run.stdout + run.stderr and "steps" in run.stdout + run.stderr
+    assert _flow_run_count(state["prefect"]["api_url"]) == before
+    assert (sorted((home / "runs").iterdir()) if (home / "runs").exists() else []) == runs_before
+
+
+def test_tes_down_leaves_no_process_and_no_port(stack):
+    home, env, state = stack
+    subprocess.run([str(BIN / "tes"), "down"], env=env, check=True, capture_output=True, timeout=120)
+    for part in ("prefect", "runner", "triton"):
+        assert not triton.pid_alive(state[part]["pid"]), part
+    for port in (state["prefect"]["port"], state["triton"]["http_port"], state["triton"]["grpc_port"], state["triton"]["metrics_port"]):
+        assert triton.port_is_free(port), port
+    assert not (home / ".tes" / "stack.json").exists()
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"tes{state['triton']['http_port']}_")]
