@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     state = stack.up()
     command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
                f"{stack.FLOW_NAME}/{stack.DEPLOYMENT_NAME}", "--watch", *prefect_param_args(overrides)]
-    print("\n$ " + " ".join(command[1:]) + "\n", flush=True)
+    print("\n$ prefect " + shlex.join(command[1:]) + "\n", flush=True)
     returncode = subprocess.call(command, env={**os.environ, **stack.prefect_env(state["prefect"]["api_url"])})
     if returncode != 0:
         print(f"\nthe flow run failed (exit code {returncode}); the runner's log is {paths.state_dir() / 'prefect-runner.log'}")
@@ -185,6 +186,8 @@ def _sample_request(model: str, index: int = 0, text: str | None = None):
 
     recipe = _recipe_of_model(model)
     if text is not None:
+        if recipe.inputs[0].dtype != "int64" or not hasattr(recipe.options, "block_size"):
+            raise TesError(f"--text is for byte models like stdlib-gpt; model '{model}' takes {recipe.inputs[0]}")
         return {recipe.inputs[0].name: np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)[None, -recipe.options.block_size:]}
     return list(recipe.eval_batches(1, max_samples=index + 1))[-1].inputs
 
@@ -297,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("prompt")
     complete.add_argument("--model", default=DEFAULT_DEMO_MODEL)
     complete.add_argument("--max-bytes", type=int, default=80)
-    complete.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    complete.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0: greedy")
     complete.add_argument("--seed", type=int, default=0)
     for command, handler in ((infer, cmd_infer), (complete, cmd_complete)):
         command.add_argument("--protocol", choices=("http", "grpc"), default="http")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from core import paths
-from core.errors import ServerError, TesError
+from core.errors import ServerError
 from core.files import atomic_write_json, atomic_write_text
 from core.results import RunDir, StageResult, Status, new_run_id, timed
 from export.onnx_export import export_onnx
@@ -109,8 +109,8 @@ def run_pipeline(params: PipelineParams, call: Call = direct_call, publish: Call
         for result in _stages(recipe, params, run, call):
             run.record(result)
             results.append(result)
-    except TesError as error:
-        run.update(status="failed", error=str(error))
+    except BaseException as error:  # the manifest must say the run failed, whatever stopped it
+        run.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise
     summary = {"run_id": run.path.name, "run_dir": str(run.path), "status": "completed",
                "stages": {r.stage: r.to_dict() for r in results}}

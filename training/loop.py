@@ -32,10 +32,10 @@ WEIGHTS = "model.pt"
 class TrainingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    steps: int = Field(300, ge=1, le=10_000_000, description="optimizer steps to train for")
+    steps: int = Field(600, ge=1, le=10_000_000, description="optimizer steps to train for")
     max_seconds: float | None = Field(None, gt=0, description="stop earlier once this much training time has passed")
     batch_size: int = Field(32, ge=1, le=65536)
-    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    learning_rate: float = Field(2e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.01, ge=0, le=1.0)
     warmup_steps: int = Field(20, ge=0)
     eval_every: int = Field(100, ge=1, description="validate every this many steps (and at the end)")
@@ -160,7 +160,9 @@ def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress:
         bar.update(1)
         if step % config.eval_every == 0 and step < config.steps:
             metrics = validate()
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "samples"))
+            line = f"step {step}/{config.steps}: loss {loss.item():.4f}, " + ", ".join(
+                f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
+            bar.write(line) if progress else log.info(line)
         if step % config.checkpoint_every == 0:
             checkpoint()
     bar.close()
