@@ -260,6 +260,20 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_variants(args: argparse.Namespace) -> int:
+    from export.variants import render_table
+    from flows.pipeline import load_summary
+
+    summary = load_summary(args.run)
+    precision = summary["stages"].get("precision")
+    if not precision or precision["status"] != "ok":
+        raise TesError(f"run {summary['run_id']} has no precision stage")
+    out = precision["outputs"]
+    print(f"run {summary['run_id']}: policy {out['policy']}, `{out['selected']}` serves the plain model name\n")
+    print(render_table(out["variants"], out["primary_metric"]))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from flows.pipeline import load_summary
 
@@ -307,9 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--url", default=None, help="host:port of Triton for that protocol; default: the stack's")
         command.set_defaults(handler=handler)
 
-    report = commands.add_parser("report", help="print a run's report (default: the last run)")
-    report.add_argument("run", nargs="?", default=None)
-    report.set_defaults(handler=cmd_report)
+    for name, handler, text in (("report", cmd_report, "print a run's report (default: the last run)"),
+                                ("variants", cmd_variants, "print a run's precision-variant table (default: the last run)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("run", nargs="?", default=None, help="the run folder")
+        command.set_defaults(handler=handler)
     return parser
 
 

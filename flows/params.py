@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from core.errors import ConfigError, RecipeError
 from export.onnx_export import ExportConfig
+from export.variants import PrecisionConfig
 from serving.repository import ServingConfig, check_model_name
 from training.loop import TrainingConfig
 from training.recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, validation_problems
@@ -44,6 +45,7 @@ class PipelineParams(BaseModel):
     recipe_options: dict[str, Any] = Field(default_factory=dict, description="options of a user's own recipe")
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
+    precision: PrecisionConfig = PrecisionConfig()
     serving: ServingParams = ServingParams()
     runs_dir: str = Field("runs", min_length=1, description="where run folders go (relative to the project home)")
     repository: str = Field("model_repository", min_length=1, description="the Triton model repository folder")

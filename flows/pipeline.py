@@ -1,4 +1,4 @@
-"""The `train-export-serve` pipeline: train -> export -> deploy -> served check -> report.
+"""The `train-export-serve` pipeline: train -> export -> precision variants -> deploy -> served check -> report.
 
 `run_pipeline` holds the order of the stages once. The Prefect flow `train-export-serve` runs it with every
 stage as a Prefect task (`prefect deployment run 'train-export-serve/default' --watch`, after `tes up`);
@@ -17,8 +17,9 @@ import numpy as np
 from core import paths
 from core.errors import ServerError
 from core.files import atomic_write_json, atomic_write_text
-from core.results import RunDir, StageResult, Status, new_run_id, timed
+from core.results import Artifact, RunDir, StageResult, Status, new_run_id, timed
 from export.onnx_export import export_onnx
+from export.variants import build_and_score
 from flows import stack
 from flows.params import PipelineParams
 from flows.report import render_report
@@ -50,44 +51,70 @@ def stage_export(recipe: Recipe, params: PipelineParams, run: RunDir, weights: s
     return result
 
 
-def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_path: str) -> StageResult:
-    """Write the next Triton version, verify its checksums, and load it into the running Triton if any."""
-    name = params.triton_model_name
+def stage_precision(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_path: str) -> StageResult:
+    """Every precision variant built, scored on validation data and gated against FP32."""
     with timed() as clock:
-        version = repository.write_version(
-            paths.resolve(params.repository), name, onnx_path, params.serving_config(recipe),
-            provenance={"run_id": run.path.name, "run_dir": str(run.path), **recipe.describe()},
-        )
-        repository.verify_version(version.path)
-        outputs: dict[str, Any] = {"model": name, "version": version.version, "path": str(version.path), "loaded": False}
+        reports = [r.to_dict() for r in build_and_score(recipe, onnx_path, run.stage_dir("precision"), params.precision)]
+    atomic_write_json(run.stage_dir("precision") / "variants.json", reports)
+    selected = next(r["name"] for r in reports if r["serves_alias"])
+    return StageResult("precision", Status.OK, clock["seconds"],
+                       artifacts=[Artifact(r["path"], r["sha256"], r["bytes"]) for r in reports if r["path"] and r["sha256"]],
+                       outputs={"variants": reports, "selected": selected, "policy": params.precision.policy,
+                                "primary_metric": recipe.primary_metric})
+
+
+def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, variants: list[dict]) -> StageResult:
+    """Each accepted variant as `<model>-<variant>`, and `<model>` as an ensemble alias of the selected one;
+    every version checksummed, then loaded into the running Triton if there is one."""
+    name, repo = params.triton_model_name, paths.resolve(params.repository)
+    provenance = {"run_id": run.path.name, "run_dir": str(run.path), **recipe.describe()}
+    with timed() as clock:
+        deployed = {}
+        for report in (r for r in variants if r["status"] == "accepted"):
+            version = repository.write_version(repo, f"{name}-{report['name']}", report["path"], params.serving_config(recipe),
+                                               provenance={**provenance, "variant": report["name"]})
+            repository.verify_version(version.path)
+            deployed[report["name"]] = {"model": version.model_name, "version": version.version, "path": str(version.path)}
+        selected = next(r["name"] for r in variants if r["serves_alias"])
+        alias = repository.write_alias(repo, name, deployed[selected]["model"], provenance={**provenance, "variant": selected})
+        outputs: dict[str, Any] = {"model": name, "version": alias.version, "path": str(alias.path), "selected": selected,
+                                   "variants": deployed, "loaded": False}
         url = params.serving.triton_url or stack.triton_url("http")
         if not params.serving.load:
             outputs["load_skipped"] = "serving.load is false"
         elif url is None:
             outputs["load_skipped"] = "no Triton is running: start one with `tes up`, or set serving.triton_url"
         else:
+            for entry in deployed.values():
+                entry["ready_version"] = client.load_model(url, entry["model"])
             outputs["ready_version"] = client.load_model(url, name)
             grpc_url = params.serving.triton_grpc_url if params.serving.triton_url else stack.triton_url("grpc")
             outputs.update(loaded=True, triton_http=url, triton_grpc=grpc_url)
     return StageResult("deploy", Status.OK, clock["seconds"], outputs=outputs)
 
 
-def stage_served_check(recipe: Recipe, params: PipelineParams, deploy: dict, onnx_path: str, torch_top1: list[np.ndarray]) -> StageResult:
-    """Served outputs against ONNX Runtime over HTTP and gRPC, top-1 against torch, and a latency probe."""
+def stage_served_check(recipe: Recipe, deploy: dict, variants: list[dict], torch_top1: list[np.ndarray]) -> StageResult:
+    """The alias over HTTP and gRPC against the selected variant in ONNX Runtime and top-1 against torch; every
+    variant model against its own ONNX file; and a latency probe of the alias."""
     if not deploy.get("loaded"):
         return StageResult("served_check", Status.SKIPPED, reason=deploy.get("load_skipped", "model not loaded"))
     urls = {"http": deploy["triton_http"]}
     if deploy.get("triton_grpc"):
         urls["grpc"] = deploy["triton_grpc"]
+    onnx_of = {r["name"]: r["path"] for r in variants}
     batches = [batch.inputs for batch in recipe.eval_batches(8, max_samples=32)]
     with timed() as clock:
-        report = check.compare_served(urls, deploy["model"], batches, onnx_path)
-        for protocol in report:
+        report = check.compare_served(urls, deploy["model"], batches, onnx_of[deploy["selected"]])
+        for protocol in list(report):
             served_top1 = np.concatenate(report[protocol].pop("outputs")).argmax(-1)
             report[protocol]["top1_agreement_with_torch"] = float((served_top1 == np.concatenate(torch_top1)).mean())
+        report["variants"] = {}
+        for variant, entry in deploy["variants"].items():
+            served = check.compare_served(urls, entry["model"], batches[:1], onnx_of[variant])
+            report["variants"][variant] = {p: served[p]["max_abs_diff_vs_onnxruntime"] for p in served}
         single = {name: array[:1] for name, array in batches[0].items()}
         probe_protocol = "grpc" if "grpc" in urls else "http"
-        report["latency"] = check.latency_probe(urls[probe_protocol], probe_protocol, deploy["model"], single, onnx_path)
+        report["latency"] = check.latency_probe(urls[probe_protocol], probe_protocol, deploy["model"], single, onnx_of[deploy["selected"]])
     return StageResult("served_check", Status.OK, clock["seconds"], outputs=report)
 
 
@@ -130,10 +157,12 @@ def _stages(recipe: Recipe, params: PipelineParams, run: RunDir, call: Call):
     weights = trained.outputs["weights"]
     exported = call("export", stage_export, recipe, params, run, weights)
     yield exported
-    onnx_path = exported.outputs["onnx"]
-    deployed = call("deploy", stage_deploy, recipe, params, run, onnx_path)
+    precision = call("precision", stage_precision, recipe, params, run, exported.outputs["onnx"])
+    yield precision
+    variants = precision.outputs["variants"]
+    deployed = call("deploy", stage_deploy, recipe, params, run, variants)
     yield deployed
-    yield call("served_check", stage_served_check, recipe, params, deployed.outputs, onnx_path, _torch_top1(recipe, weights))
+    yield call("served_check", stage_served_check, recipe, deployed.outputs, variants, _torch_top1(recipe, weights))
 
 
 def load_summary(run: str | Path | None = None) -> dict:

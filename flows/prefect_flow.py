@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from export.onnx_export import ExportConfig
+from export.variants import PrecisionConfig
 from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
 from core.results import StageResult
 from flows.pipeline import run_pipeline
@@ -47,13 +48,14 @@ def train_export_serve(
     recipe_options: dict[str, Any] = {},
     training: TrainingConfig = TrainingConfig(),
     export: ExportConfig = ExportConfig(),
+    precision: PrecisionConfig = PrecisionConfig(),
     serving: ServingParams = ServingParams(),
     runs_dir: str = "runs",
     repository: str = "model_repository",
 ) -> dict:
     params: PipelineParams = parse_params(dict(
         recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
-        training=training, export=export, serving=serving, runs_dir=runs_dir, repository=repository,
+        training=training, export=export, precision=precision, serving=serving, runs_dir=runs_dir, repository=repository,
     ))
     summary = run_pipeline(params, call=_as_task, publish=_publish)
     get_run_logger().info("run folder: %s", summary["run_dir"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from export.variants import render_table
+
 
 def _metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "samples")
@@ -25,13 +27,19 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += [f"Validation (ONNX Runtime): {_metrics(export['validation_onnxruntime'])}.",
                   f"ONNX opset {export['opset']}; verified on {export['verification']['cases']} input shapes, "
                   f"max |onnx - torch| {max(export['verification']['max_abs_diff'].values()):.2e}."]
+    precision = stages.get("precision", {}).get("outputs", {})
+    if precision:
+        lines += ["", f"## Precision variants (policy `{precision['policy']}`; `{precision['selected']}` serves the plain name)", "",
+                  render_table(precision["variants"], precision["primary_metric"]), ""]
     served = stages.get("served_check", {})
     if served.get("status") == "ok":
         out = served["outputs"]
         for protocol in ("http", "grpc"):
             if protocol in out:
-                lines.append(f"Served over {protocol}: max |served - ONNX Runtime| {out[protocol]['max_abs_diff_vs_onnxruntime']:.2e}, "
-                             f"top-1 agreement with torch {out[protocol]['top1_agreement_with_torch']:.3f}.")
+                lines.append(f"Served alias over {protocol}: max |served - ONNX Runtime| {out[protocol]['max_abs_diff_vs_onnxruntime']:.2e}, "
+                             f"top-1 agreement with torch FP32 {out[protocol]['top1_agreement_with_torch']:.3f}.")
+        for variant, diffs in out.get("variants", {}).items():
+            lines.append(f"Served `{variant}` model: max |served - ONNX Runtime| " + ", ".join(f"{p} {d:.2e}" for p, d in diffs.items()) + ".")
         latency = out["latency"]
         lines.append(f"Latency at concurrency 1 over {latency['protocol']} ({latency['requests']} requests, input "
                      f"{latency['input_shapes']}): served p50 {latency['served_p50_ms']:.2f} ms vs in-process ONNX Runtime "
@@ -45,7 +53,11 @@ def _stage_note(name: str, stage: dict[str, Any]) -> str:
     out = stage["outputs"]
     if name == "deploy":
         loaded = f"loaded, READY version {out['ready_version']}" if out.get("loaded") else f"not loaded: {out.get('load_skipped')}"
-        return f"`{out['model']}` version {out['version']}; {loaded}"
+        models = ", ".join(f"`{v['model']}` v{v['version']}" for v in out.get("variants", {}).values())
+        return f"`{out['model']}` version {out['version']} -> `{out['selected']}`; {loaded}; variants {models}"
+    if name == "precision":
+        accepted = [v["name"] for v in out["variants"] if v["status"] == "accepted"]
+        return f"accepted {', '.join(accepted)}; serving `{out['selected']}`"
     if name == "train":
         return _metrics(out["validation"])
     if name == "export":

@@ -13,6 +13,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from google.protobuf import text_format
@@ -153,17 +154,27 @@ def write_version(
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise RepositoryError(f"ONNX file {onnx_path} does not exist; run the export stage first")
+
+    def populate(staging: Path) -> None:
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        shutil.copyfile(BACKEND_MODEL_FILE, staging / "model.py")
+
+    return publish_version(repository, name, build_config(name, onnx_path, serving), populate, provenance)
+
+
+def publish_version(
+    repository: str | Path, name: str, config: mc.ModelConfig, populate: Callable[[Path], None], provenance: dict | None = None
+) -> VersionResult:
+    """Assemble a version in a staging folder (`populate` fills it), checksum it, write the model's config, and
+    rename the folder to the next version number. Leftover staging folders of killed writes are removed first."""
     folder = model_dir(Path(repository), name)
     folder.mkdir(parents=True, exist_ok=True)
     clean_staging(folder)
-    config = build_config(name, onnx_path, serving)
-
     staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
-        shutil.copyfile(onnx_path, staging / "model.onnx")
-        shutil.copyfile(BACKEND_MODEL_FILE, staging / "model.py")
-        files = {path.name: sha256_file(path) for path in sorted(staging.iterdir())}
+        populate(staging)
+        files = {path.name: sha256_file(path) for path in sorted(staging.iterdir()) if path.is_file()}
         atomic_write_json(staging / VERSION_MANIFEST, {"model": name, "files": files, "provenance": provenance or {}})
         config_path = atomic_write_text(folder / "config.pbtxt", config_text(config))
         version = _rename_into_place(staging, folder)
@@ -171,6 +182,36 @@ def write_version(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return VersionResult(name, version, folder / str(version), config_path, files)
+
+
+def read_config(repository: str | Path, name: str) -> mc.ModelConfig:
+    path = model_dir(Path(repository), name) / "config.pbtxt"
+    if not path.is_file():
+        raise RepositoryError(f"model '{name}' has no config.pbtxt in {repository}; deploy it first")
+    return parse_config(path.read_text(encoding="utf-8"))
+
+
+def write_alias(repository: str | Path, alias: str, target: str, provenance: dict | None = None) -> VersionResult:
+    """An ensemble `alias` that forwards every request to `target` unchanged, so clients keep one URL while the
+    model behind it changes. Its tensors and batch size are the target's."""
+    target_config = read_config(repository, target)
+    config = mc.ModelConfig(name=alias, platform="ensemble", max_batch_size=target_config.max_batch_size)
+    config.input.extend(target_config.input)
+    config.output.extend(target_config.output)
+    config.version_policy.latest.num_versions = 1
+    step = config.ensemble_scheduling.step.add(model_name=target, model_version=-1)
+    for tensor in target_config.input:
+        step.input_map[tensor.name] = tensor.name
+    for tensor in target_config.output:
+        step.output_map[tensor.name] = tensor.name
+    return publish_version(repository, alias, config, lambda staging: None, {"alias_of": target, **(provenance or {})})
+
+
+def alias_target(repository: str | Path, alias: str) -> str | None:
+    """The model an ensemble alias forwards to, or None if `alias` is not an alias."""
+    config = read_config(repository, alias)
+    steps = config.ensemble_scheduling.step if config.platform == "ensemble" else []
+    return steps[0].model_name if len(steps) == 1 else None
 
 
 def _rename_into_place(staging: Path, folder: Path) -> int:

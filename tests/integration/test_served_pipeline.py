@@ -15,11 +15,16 @@ from training.loop import load_trained, torch_predictor
 
 pytestmark = pytest.mark.integration
 
+# digits-cnn goes through every precision variant with both gates opened wide (the gates have their own tests),
+# so every variant is deployed and served; stdlib-gpt deploys FP32 only, so its alias must agree with torch exactly.
 CASES = {
     "digits-cnn": {"recipe": "digits-cnn", "digits_cnn": TINY_DIGITS,
-                   "training": {"steps": 60, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 128}},
+                   "training": {"steps": 60, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 128},
+                   "precision": {"accuracy_budget": 1.0, "min_speedup": 0.0, "calibration_samples": 32,
+                                 "score_samples": 128, "speed_repeats": 3}},
     "stdlib-gpt": {"recipe": "stdlib-gpt", "stdlib_gpt": TINY_GPT,
-                   "training": {"steps": 20, "eval_every": 1000, "eval_samples": 64}},
+                   "training": {"steps": 20, "eval_every": 1000, "eval_samples": 64},
+                   "precision": {"variants": ["fp32"], "score_samples": 64, "speed_repeats": 3}},
 }
 
 
@@ -38,13 +43,16 @@ def runs(triton_server, tmp_path_factory):
 def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs, triton_server, name):
     _, summary = runs[name]
     stages = summary["stages"]
-    assert [stages[s]["status"] for s in ("train", "export", "deploy", "served_check")] == ["ok"] * 4
+    assert [stages[s]["status"] for s in ("train", "export", "precision", "deploy", "served_check")] == ["ok"] * 5
     deploy = stages["deploy"]["outputs"]
     assert deploy["loaded"] and deploy["ready_version"] == str(deploy["version"])
     check = stages["served_check"]["outputs"]
     for protocol in ("http", "grpc"):
         assert check[protocol]["max_abs_diff_vs_onnxruntime"] <= 1e-5
-        assert check[protocol]["top1_agreement_with_torch"] == 1.0
+        if deploy["selected"] == "fp32":
+            assert check[protocol]["top1_agreement_with_torch"] == 1.0
+    assert set(check["variants"]) == set(deploy["variants"])
+    assert all(diff <= 1e-5 for diffs in check["variants"].values() for diff in diffs.values())
     assert check["latency"]["served_p50_ms"] > 0 and (Path(summary["run_dir"]) / "report.md").is_file()
 
 
@@ -52,13 +60,13 @@ def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs
 def test_served_outputs_match_onnxruntime_and_torch_top1(runs, triton_server, name):
     params, summary = runs[name]
     recipe = params.build_recipe()
-    version_dir = Path(summary["stages"]["deploy"]["outputs"]["path"])
-    session = ort_session(version_dir / "model.onnx")
+    fp32 = summary["stages"]["deploy"]["outputs"]["variants"]["fp32"]
+    session = ort_session(Path(fp32["path"]) / "model.onnx")
     predict = torch_predictor(load_trained(recipe, summary["stages"]["train"]["outputs"]["weights"]), recipe)
     batch = list(recipe.eval_batches(16, max_samples=16))[0]
     expected = session.run(None, batch.inputs)[0]
     for protocol, url in (("http", triton_server.http_url), ("grpc", triton_server.grpc_url)):
-        served = client.infer(url, params.triton_model_name, batch.inputs, protocol)["logits"]
+        served = client.infer(url, fp32["model"], batch.inputs, protocol)["logits"]
         np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
         assert np.array_equal(served.argmax(-1), predict(batch.inputs).argmax(-1))
 
@@ -69,6 +77,7 @@ def test_a_second_run_rolls_the_model_to_the_next_version(runs, triton_server):
     assert second["stages"]["deploy"]["outputs"]["version"] == first["stages"]["deploy"]["outputs"]["version"] + 1
     states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
     assert states[("digits-cnn", str(second["stages"]["deploy"]["outputs"]["version"]))] == "READY"
+    assert states[("digits-cnn-fp32", "2")] == "READY" and states[("digits-cnn-fp32", "1")] != "READY"
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -87,6 +87,15 @@ class Recipe(ABC):
     def score(self, outputs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, float]:
         """The task metric over per-batch first outputs and targets."""
 
+    def calibration_inputs(self, samples: int, batch_size: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+        """Input batches drawn from the training split only (quantization calibration must not see validation)."""
+        batches = self.train_batches(batch_size, torch.Generator().manual_seed(seed))
+        collected: list[dict[str, np.ndarray]] = []
+        while sum(len(next(iter(b.values()))) for b in collected) < samples:
+            inputs, _ = next(batches)
+            collected.append({spec.name: tensor.numpy() for spec, tensor in zip(self.inputs, inputs)})
+        return collected
+
     def example_inputs(self, batch_size: int = 2) -> dict[str, np.ndarray]:
         return next(iter(self.eval_batches(batch_size))).inputs
 

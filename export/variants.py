@@ -1,0 +1,227 @@
+"""Build, score and gate every precision variant, then pick the one that serves the plain model name.
+
+Each variant is scored on the recipe's validation split with the recipe's own metric and compared with FP32
+(max/mean |difference|, top-1 agreement). Two gates decide what may be deployed:
+
+- accuracy: a primary metric more than `accuracy_budget` (relative) below FP32 rejects the variant; a rejected
+  static INT8 variant is retried with the nodes that drift most excluded from quantization, a bounded number of times;
+- speed: a variant that is not at least `min_speedup` times faster than FP32, measured in-process on the same
+  inputs, interleaved, is rejected ("INT8 slower than FP32" is never deployed silently).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core.results import Artifact
+from export import quantize
+from export.quantize import ALL_VARIANTS
+from training.recipes import Recipe
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["max-throughput", "min-latency"]
+
+
+class PrecisionConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variants: tuple[str, ...] = Field(ALL_VARIANTS, description="which of fp32, int8-dynamic, int8-static, fp16 to build")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_samples: int = Field(64, ge=1, le=100_000, description="training-split samples for static INT8")
+    per_channel: bool = Field(True, description="per-channel weight scales for static INT8")
+    static_op_types: tuple[str, ...] = Field(("MatMul", "Gemm", "Conv"), description="op types static INT8 quantizes; () for all")
+    accuracy_budget: float = Field(0.01, ge=-1, le=1, description="largest relative drop of the primary metric vs FP32 "
+                                   "(0.01: 1%; a negative budget demands an improvement)")
+    min_speedup: float = Field(1.05, ge=0, description="a variant must be this many times faster than FP32; 0 turns the gate off")
+    speed_batch_size: int = Field(8, ge=1, description="batch for the throughput measurement")
+    speed_repeats: int = Field(20, ge=3, le=10_000, description="timed runs per variant and shape")
+    score_samples: int = Field(512, ge=1, description="validation samples scored per variant")
+    exclusion_retries: int = Field(2, ge=0, le=10, description="retries of static INT8 with drifting nodes excluded")
+    nodes_per_retry: int = Field(3, ge=1, le=100)
+    policy: Policy = Field("max-throughput", description="which accepted variant serves the plain model name")
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, variants: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in variants if v not in ALL_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}: expected some of {list(ALL_VARIANTS)}")
+        return tuple(dict.fromkeys(("fp32", *variants)))  # FP32 is always the reference
+
+
+@dataclass
+class VariantReport:
+    name: str
+    path: str | None = None
+    bytes: int = 0
+    sha256: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_delta_relative: float = 0.0
+    max_abs_diff: float = 0.0
+    mean_abs_diff: float = 0.0
+    top1_agreement: float = 1.0
+    latency_p50_ms: float = 0.0  # batch 1
+    throughput_per_s: float = 0.0  # samples/s at speed_batch_size
+    speedup_vs_fp32: float = 1.0
+    status: Literal["accepted", "rejected", "skipped"] = "accepted"
+    reason: str = ""
+    excluded_nodes: list[str] = field(default_factory=list)
+    drift: list[dict] = field(default_factory=list)
+    serves_alias: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _session(path: str | Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _first_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    return [session.run(None, inputs)[0].astype(np.float32) for inputs in batches]
+
+
+def score(recipe: Recipe, report: VariantReport, session: ort.InferenceSession, batches: list, reference: list[np.ndarray]) -> None:
+    """The recipe's metric on validation batches, and the distance of the outputs to FP32's."""
+    outputs = _first_outputs(session, [b.inputs for b in batches])
+    report.metrics = recipe.score(outputs, [b.targets for b in batches])
+    differences = np.concatenate([np.abs(o.astype(np.float64) - r).ravel() for o, r in zip(outputs, reference)])
+    report.max_abs_diff, report.mean_abs_diff = float(differences.max()), float(differences.mean())
+    agree = np.concatenate([o.argmax(-1) == r.argmax(-1) for o, r in zip(outputs, reference)])
+    report.top1_agreement = float(agree.mean())
+
+
+def measure_speed(sessions: dict[str, ort.InferenceSession], single: dict, batch: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Per variant: (p50 ms at batch 1, samples/s at the batch), timed round-robin so noise hits all alike."""
+    batch_size = len(next(iter(batch.values())))
+    for session in sessions.values():  # warm-up
+        session.run(None, single)
+        session.run(None, batch)
+    timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            for inputs, bucket in ((single, timings[name][0]), (batch, timings[name][1])):
+                start = time.perf_counter()
+                session.run(None, inputs)
+                bucket.append(time.perf_counter() - start)
+    return {name: (statistics.median(one) * 1e3, batch_size / statistics.median(many)) for name, (one, many) in timings.items()}
+
+
+def accuracy_gate(recipe: Recipe, report: VariantReport, fp32: VariantReport, budget: float) -> str | None:
+    metric = recipe.primary_metric
+    base, got = fp32.metrics[metric], report.metrics[metric]
+    report.metric_delta_relative = (got - base) / base if base else 0.0
+    if base and (base - got) / base > budget:
+        return (f"accuracy gate: {metric} {got:.4f} vs FP32 {base:.4f} (change {100 * report.metric_delta_relative:+.2f}%, "
+                f"the budget allows down to {-100 * budget:+.2f}%)")
+    return None
+
+
+def speed_gate(report: VariantReport, fp32: VariantReport, min_speedup: float) -> str | None:
+    report.speedup_vs_fp32 = report.throughput_per_s / fp32.throughput_per_s if fp32.throughput_per_s else 0.0
+    if report.speedup_vs_fp32 < min_speedup:
+        return (f"speed gate: {report.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f} "
+                f"({report.speedup_vs_fp32:.2f}x, needs at least {min_speedup:.2f}x)")
+    return None
+
+
+def select(reports: list[VariantReport], policy: Policy) -> VariantReport:
+    """The accepted variant with the most throughput, or the least latency at batch 1."""
+    accepted = [r for r in reports if r.status == "accepted"]
+    if policy == "max-throughput":
+        return max(accepted, key=lambda r: r.throughput_per_s)
+    return min(accepted, key=lambda r: r.latency_p50_ms)
+
+
+def _build(name: str, fp32_path: Path, out_dir: Path, calibration: list, config: PrecisionConfig, exclude: list[str], attempt: int) -> Path:
+    if name == "fp32":
+        return fp32_path
+    if name == "int8-dynamic":
+        return quantize.build_int8_dynamic(fp32_path, out_dir)
+    if name == "int8-static":
+        return quantize.build_int8_static(fp32_path, out_dir, calibration, config.calibration_method, config.per_channel,
+                                          exclude, name=f"int8-static-{attempt}" if attempt else "int8-static",
+                                          op_types=config.static_op_types or None)
+    return quantize.build_fp16(fp32_path, out_dir)
+
+
+def build_and_score(recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, config: PrecisionConfig) -> list[VariantReport]:
+    """Every configured variant, built, scored and gated; exactly one accepted variant has `serves_alias`."""
+    fp32_path, out_dir = Path(fp32_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = list(recipe.eval_batches(32, config.score_samples))
+    calibration = recipe.calibration_inputs(config.calibration_samples)
+    fp32_session = _session(fp32_path)
+    reference = _first_outputs(fp32_session, [b.inputs for b in batches])
+    reports, sessions = [], {}
+    for name in config.variants:
+        report, session = _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports)
+        reports.append(report)
+        if session is not None:
+            sessions[name] = session
+    speed_inputs = recipe.example_inputs(config.speed_batch_size)
+    single = {key: value[:1] for key, value in speed_inputs.items()}
+    for name, (latency, throughput) in measure_speed(sessions, single, speed_inputs, config.speed_repeats).items():
+        report = next(r for r in reports if r.name == name)
+        report.latency_p50_ms, report.throughput_per_s = latency, throughput
+    fp32 = reports[0]
+    for report in reports[1:]:
+        if report.status == "accepted":
+            reason = speed_gate(report, fp32, config.min_speedup)
+            if reason:
+                report.status, report.reason = "rejected", reason
+    select(reports, config.policy).serves_alias = True
+    return reports
+
+
+def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports):
+    """Build one variant and apply the accuracy gate; static INT8 retries with drifting nodes excluded."""
+    excluded: list[str] = []
+    drift: list[dict] = []
+    for attempt in range(config.exclusion_retries + 1 if name == "int8-static" else 1):
+        report = VariantReport(name=name, excluded_nodes=list(excluded), drift=drift)
+        try:
+            path = _build(name, fp32_path, out_dir, calibration, config, excluded, attempt)
+            session = _session(path)
+        except Exception as error:  # ORT raises plain exceptions for kernels it lacks; the variant is skipped
+            report.status, report.reason = "skipped", f"cannot build or run {name} here: {error}"
+            return report, None
+        artifact = Artifact.of(path)
+        report.path, report.bytes, report.sha256 = str(path), artifact.bytes, artifact.sha256
+        score(recipe, report, session, batches, reference)
+        reason = accuracy_gate(recipe, report, reports[0], config.accuracy_budget) if reports else None
+        if reason is None:
+            return report, session
+        report.status, report.reason = "rejected", reason
+        if name != "int8-static" or attempt == config.exclusion_retries:
+            return report, None
+        drift = quantize.qdq_drift(fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry)
+        excluded += [item["node"] for item in drift if item["node"] not in excluded]
+        log.info("%s: %s; retrying without %s", name, reason, excluded)
+    return report, None
+
+
+def render_table(reports: list[dict], primary_metric: str) -> str:
+    """Markdown table of every variant; the row that serves the plain model name is marked."""
+    lines = ["| variant | size | " + primary_metric + " | vs FP32 | max / mean abs diff | top-1 agree | p50 b=1 | throughput | speedup | decision |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in reports:
+        metric = f"{r['metrics'][primary_metric]:.4f}" if r["metrics"] else "-"
+        decision = r["status"] + (f": {r['reason']}" if r["reason"] else "") + (" **(serves alias)**" if r["serves_alias"] else "")
+        if r["excluded_nodes"]:
+            decision += f"; excluded from quantization: {', '.join(r['excluded_nodes'])}"
+        lines.append(
+            f"| {r['name']} | {r['bytes'] / 1e6:.2f} MB | {metric} | {100 * r['metric_delta_relative']:+.2f}% | "
+            f"{r['max_abs_diff']:.2e} / {r['mean_abs_diff']:.2e} | {r['top1_agreement']:.3f} | {r['latency_p50_ms']:.2f} ms | "
+            f"{r['throughput_per_s']:.0f}/s | {r['speedup_vs_fp32']:.2f}x | {decision} |")
+    return "\n".join(lines)

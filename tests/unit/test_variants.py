@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.onnx_export import ExportConfig, export_onnx
+from export.quantize import build_int8_static
+from export.variants import PrecisionConfig, VariantReport, build_and_score, select
+from tests.conftest import TINY_DIGITS, TINY_GPT
+from training.loop import TrainingConfig, load_trained, train
+from training.recipes import build_recipe
+
+FAST = {"calibration_samples": 32, "score_samples": 128, "speed_repeats": 3}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A briefly trained tiny digits model and its verified FP32 export."""
+    recipe, folder = build_recipe("digits-cnn", TINY_DIGITS), tmp_path_factory.mktemp("digits")
+    trained = train(recipe, TrainingConfig(steps=60, learning_rate=1e-2, warmup_steps=5, eval_every=1000, eval_samples=64),
+                    folder / "train", progress=False)
+    exported = export_onnx(recipe, load_trained(recipe, trained.outputs["weights"]), folder, ExportConfig())
+    return recipe, exported.outputs["onnx"], folder
+
+
+def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
+    recipe, onnx_path, folder = digits
+    reports = {r.name: r for r in build_and_score(recipe, onnx_path, folder / "all", PrecisionConfig(min_speedup=0, accuracy_budget=1, **FAST))}
+    assert list(reports) == ["fp32", "int8-dynamic", "int8-static", "fp16"]
+    assert reports["fp32"].max_abs_diff == 0 and reports["fp32"].top1_agreement == 1
+    for name in ("int8-dynamic", "int8-static", "fp16"):
+        report = reports[name]
+        assert report.status == "accepted" and Path(report.path).is_file() and report.sha256
+        assert 0 < report.max_abs_diff < 5 and report.top1_agreement > 0.5
+        assert report.metrics["accuracy"] > 0.3 and report.throughput_per_s > 0
+    assert reports["int8-static"].bytes < reports["fp32"].bytes and reports["fp16"].bytes < reports["fp32"].bytes
+    assert sum(r.serves_alias for r in reports.values()) == 1
+
+
+def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(digits):
+    recipe, onnx_path, folder = digits
+    # an impossibly tight budget: the variant would have to be 50% more accurate than FP32
+    config = PrecisionConfig(variants=("int8-static",), accuracy_budget=-0.5, min_speedup=0, exclusion_retries=1, nodes_per_retry=2, **FAST)
+    fp32, static = build_and_score(recipe, onnx_path, folder / "tight", config)
+    assert static.status == "rejected"
+    assert f"accuracy {static.metrics['accuracy']:.4f} vs FP32 {fp32.metrics['accuracy']:.4f}" in static.reason
+    assert "the budget allows down to +50.00%" in static.reason
+    # the retry excluded the nodes that drifted most, and says which
+    assert len(static.excluded_nodes) >= 1 and static.drift and all("local_sqnr_db" in d for d in static.drift)
+    assert fp32.serves_alias
+
+
+def test_speed_gate_rejects_a_variant_that_is_not_faster(digits):
+    recipe, onnx_path, folder = digits
+    fp32, dynamic = build_and_score(recipe, onnx_path, folder / "slow", PrecisionConfig(variants=("int8-dynamic",), accuracy_budget=1, min_speedup=100, **FAST))
+    assert dynamic.status == "rejected" and dynamic.reason.startswith("speed gate:")
+    assert f"{dynamic.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f}" in dynamic.reason
+    assert fp32.serves_alias
+
+
+class _Untouchable:
+    """Stands in for the validation split: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError("calibration read the validation split")
+
+    def __len__(self):
+        raise AssertionError("calibration read the validation split")
+
+    def __getitem__(self, key):
+        raise AssertionError("calibration read the validation split")
+
+
+def test_calibration_never_reads_validation_samples(tmp_path: Path):
+    recipe = build_recipe("stdlib-gpt", TINY_GPT)
+    train_bytes = recipe._splits["train"].tobytes()
+    recipe.__dict__["_splits"] = {"train": recipe._splits["train"], "validation": _Untouchable()}
+    monkey_eval = pytest.MonkeyPatch()
+    monkey_eval.setattr(recipe, "eval_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("eval_batches used")))
+    try:
+        calibration = recipe.calibration_inputs(16)
+        assert sum(len(batch["tokens"]) for batch in calibration) >= 16
+        for window in np.concatenate([batch["tokens"] for batch in calibration]):
+            assert window.astype(np.uint8).tobytes() in train_bytes
+        torch.manual_seed(0)
+        model = build_recipe("stdlib-gpt", TINY_GPT).build_model().eval()
+        onnx_path = export_onnx(build_recipe("stdlib-gpt", TINY_GPT), model, tmp_path, ExportConfig()).outputs["onnx"]
+        assert build_int8_static(Path(onnx_path), tmp_path, calibration).is_file()
+    finally:
+        monkey_eval.undo()
+
+
+def test_policy_picks_throughput_or_latency_among_accepted_only():
+    reports = [VariantReport("fp32", latency_p50_ms=2.0, throughput_per_s=100),
+               VariantReport("int8-dynamic", latency_p50_ms=1.0, throughput_per_s=150),
+               VariantReport("int8-static", latency_p50_ms=1.5, throughput_per_s=300),
+               VariantReport("fp16", latency_p50_ms=0.5, throughput_per_s=900, status="rejected")]
+    assert select(reports, "max-throughput").name == "int8-static"
+    assert select(reports, "min-latency").name == "int8-dynamic"
+
+
+def test_unknown_variant_is_refused_and_fp32_always_comes_first():
+    assert PrecisionConfig(variants=("int8-dynamic",)).variants == ("fp32", "int8-dynamic")
+    with pytest.raises(ValueError, match="int4"):
+        PrecisionConfig(variants=("int4",))
