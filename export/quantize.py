@@ -11,7 +11,7 @@ import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -23,8 +23,9 @@ from core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-VariantName = Literal["fp32", "int8-dynamic", "int8-static", "fp16"]
-ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16")
+ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8")
+# variant -> (runtime, inference precision hint) for the variants that run outside ONNX Runtime
+RUNTIME_OF = {"openvino-bf16": ("openvino", "bf16"), "openvino-int8": ("openvino", "bf16")}
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 
 

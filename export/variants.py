@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.results import Artifact
 from export import quantize
-from export.quantize import ALL_VARIANTS
+from export.quantize import ALL_VARIANTS, RUNTIME_OF
+from export.runtimes import open_session
 from training.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ Policy = Literal["max-throughput", "min-latency"]
 class PrecisionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    variants: tuple[str, ...] = Field(ALL_VARIANTS, description="which of fp32, int8-dynamic, int8-static, fp16 to build")
+    variants: tuple[str, ...] = Field(ALL_VARIANTS, description="which of " + ", ".join(ALL_VARIANTS) + " to build")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_samples: int = Field(64, ge=1, le=100_000, description="training-split samples for static INT8")
     per_channel: bool = Field(True, description="per-channel weight scales for static INT8")
@@ -63,6 +63,8 @@ class PrecisionConfig(BaseModel):
 class VariantReport:
     name: str
     path: str | None = None
+    runtime: str = "onnxruntime"
+    runtime_precision: str | None = None
     bytes: int = 0
     sha256: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -83,15 +85,11 @@ class VariantReport:
         return asdict(self)
 
 
-def _session(path: str | Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _first_outputs(session: ort.InferenceSession, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def _first_outputs(session, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     return [session.run(None, inputs)[0].astype(np.float32) for inputs in batches]
 
 
-def score(recipe: Recipe, report: VariantReport, session: ort.InferenceSession, batches: list, reference: list[np.ndarray]) -> None:
+def score(recipe: Recipe, report: VariantReport, session, batches: list, reference: list[np.ndarray]) -> None:
     """The recipe's metric on validation batches, and the distance of the outputs to FP32's."""
     outputs = _first_outputs(session, [b.inputs for b in batches])
     report.metrics = recipe.score(outputs, [b.targets for b in batches])
@@ -101,7 +99,7 @@ def score(recipe: Recipe, report: VariantReport, session: ort.InferenceSession, 
     report.top1_agreement = float(agree.mean())
 
 
-def measure_speed(sessions: dict[str, ort.InferenceSession], single: dict, batch: dict, repeats: int) -> dict[str, tuple[float, float]]:
+def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int) -> dict[str, tuple[float, float]]:
     """Per variant: (p50 ms at batch 1, samples/s at the batch), timed round-robin so noise hits all alike."""
     batch_size = len(next(iter(batch.values())))
     for session in sessions.values():  # warm-up
@@ -148,10 +146,12 @@ def _build(name: str, fp32_path: Path, out_dir: Path, calibration: list, config:
         return fp32_path
     if name == "int8-dynamic":
         return quantize.build_int8_dynamic(fp32_path, out_dir)
-    if name == "int8-static":
+    if name in ("int8-static", "openvino-int8"):  # OpenVINO runs the QDQ model with its own int8 kernels
+        file_name = f"{name}-{attempt}" if attempt else name
         return quantize.build_int8_static(fp32_path, out_dir, calibration, config.calibration_method, config.per_channel,
-                                          exclude, name=f"int8-static-{attempt}" if attempt else "int8-static",
-                                          op_types=config.static_op_types or None)
+                                          exclude, name=file_name, op_types=config.static_op_types or None)
+    if name == "openvino-bf16":  # OpenVINO compiles the FP32 graph with bf16 inference precision
+        return fp32_path
     return quantize.build_fp16(fp32_path, out_dir)
 
 
@@ -161,7 +161,7 @@ def build_and_score(recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = list(recipe.eval_batches(32, config.score_samples))
     calibration = recipe.calibration_inputs(config.calibration_samples)
-    fp32_session = _session(fp32_path)
+    fp32_session = open_session(fp32_path)
     reference = _first_outputs(fp32_session, [b.inputs for b in batches])
     reports, sessions = [], {}
     for name in config.variants:
@@ -188,11 +188,13 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
     """Build one variant and apply the accuracy gate; static INT8 retries with drifting nodes excluded."""
     excluded: list[str] = []
     drift: list[dict] = []
-    for attempt in range(config.exclusion_retries + 1 if name == "int8-static" else 1):
-        report = VariantReport(name=name, excluded_nodes=list(excluded), drift=drift)
+    runtime, runtime_precision = RUNTIME_OF.get(name, ("onnxruntime", None))
+    retried = name in ("int8-static", "openvino-int8")
+    for attempt in range(config.exclusion_retries + 1 if retried else 1):
+        report = VariantReport(name=name, excluded_nodes=list(excluded), drift=drift, runtime=runtime, runtime_precision=runtime_precision)
         try:
             path = _build(name, fp32_path, out_dir, calibration, config, excluded, attempt)
-            session = _session(path)
+            session = open_session(path, runtime, runtime_precision)
         except Exception as error:  # ORT raises plain exceptions for kernels it lacks; the variant is skipped
             report.status, report.reason = "skipped", f"cannot build or run {name} here: {error}"
             return report, None
@@ -203,7 +205,7 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
         if reason is None:
             return report, session
         report.status, report.reason = "rejected", reason
-        if name != "int8-static" or attempt == config.exclusion_retries:
+        if not retried or attempt == config.exclusion_retries:
             return report, None
         drift = quantize.qdq_drift(fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry)
         excluded += [item["node"] for item in drift if item["node"] not in excluded]

@@ -7,6 +7,7 @@ stage as a Prefect task (`prefect deployment run 'train-export-serve/default' --
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from core.errors import ServerError
 from core.files import atomic_write_json, atomic_write_text
 from core.results import Artifact, RunDir, StageResult, Status, new_run_id, timed
 from export.onnx_export import export_onnx
+from export.runtimes import open_session
 from export.variants import build_and_score
 from flows import stack
 from flows.params import PipelineParams
@@ -43,7 +45,7 @@ def stage_train(recipe: Recipe, params: PipelineParams, run: RunDir) -> StageRes
 def stage_export(recipe: Recipe, params: PipelineParams, run: RunDir, weights: str) -> StageResult:
     model = load_trained(recipe, weights)
     result = export_onnx(recipe, model, run.stage_dir("export"), params.export)
-    session = check.ort_session(result.outputs["onnx"])
+    session = open_session(result.outputs["onnx"])
     input_names = [spec.name for spec in recipe.inputs]
     result.outputs["validation_onnxruntime"] = evaluate(
         recipe, lambda inputs: session.run(None, {n: inputs[n] for n in input_names})[0], params.training.eval_samples
@@ -71,7 +73,9 @@ def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, variants: 
     with timed() as clock:
         deployed = {}
         for report in (r for r in variants if r["status"] == "accepted"):
-            version = repository.write_version(repo, f"{name}-{report['name']}", report["path"], params.serving_config(recipe),
+            serving = dataclasses.replace(params.serving_config(recipe), runtime=report["runtime"],
+                                          runtime_precision=report["runtime_precision"] or "")
+            version = repository.write_version(repo, f"{name}-{report['name']}", report["path"], serving,
                                                provenance={**provenance, "variant": report["name"]})
             repository.verify_version(version.path)
             deployed[report["name"]] = {"model": version.model_name, "version": version.version, "path": str(version.path)}
@@ -101,20 +105,20 @@ def stage_served_check(recipe: Recipe, deploy: dict, variants: list[dict], torch
     urls = {"http": deploy["triton_http"]}
     if deploy.get("triton_grpc"):
         urls["grpc"] = deploy["triton_grpc"]
-    onnx_of = {r["name"]: r["path"] for r in variants}
+    sessions = {r["name"]: open_session(r["path"], r["runtime"], r["runtime_precision"]) for r in variants if r["name"] in deploy["variants"]}
     batches = [batch.inputs for batch in recipe.eval_batches(8, max_samples=32)]
     with timed() as clock:
-        report = check.compare_served(urls, deploy["model"], batches, onnx_of[deploy["selected"]])
+        report = check.compare_served(urls, deploy["model"], batches, sessions[deploy["selected"]])
         for protocol in list(report):
             served_top1 = np.concatenate(report[protocol].pop("outputs")).argmax(-1)
             report[protocol]["top1_agreement_with_torch"] = float((served_top1 == np.concatenate(torch_top1)).mean())
         report["variants"] = {}
         for variant, entry in deploy["variants"].items():
-            served = check.compare_served(urls, entry["model"], batches[:1], onnx_of[variant])
-            report["variants"][variant] = {p: served[p]["max_abs_diff_vs_onnxruntime"] for p in served}
+            served = check.compare_served(urls, entry["model"], batches[:1], sessions[variant])
+            report["variants"][variant] = {p: served[p]["max_abs_diff_vs_in_process"] for p in served}
         single = {name: array[:1] for name, array in batches[0].items()}
         probe_protocol = "grpc" if "grpc" in urls else "http"
-        report["latency"] = check.latency_probe(urls[probe_protocol], probe_protocol, deploy["model"], single, onnx_of[deploy["selected"]])
+        report["latency"] = check.latency_probe(urls[probe_protocol], probe_protocol, deploy["model"], single, sessions[deploy["selected"]])
     return StageResult("served_check", Status.OK, clock["seconds"], outputs=report)
 
 

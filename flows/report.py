@@ -36,14 +36,14 @@ def render_report(summary: dict[str, Any]) -> str:
         out = served["outputs"]
         for protocol in ("http", "grpc"):
             if protocol in out:
-                lines.append(f"Served alias over {protocol}: max |served - ONNX Runtime| {out[protocol]['max_abs_diff_vs_onnxruntime']:.2e}, "
+                lines.append(f"Served alias over {protocol}: max |served - in-process| {out[protocol]['max_abs_diff_vs_in_process']:.2e}, "
                              f"top-1 agreement with torch FP32 {out[protocol]['top1_agreement_with_torch']:.3f}.")
         for variant, diffs in out.get("variants", {}).items():
-            lines.append(f"Served `{variant}` model: max |served - ONNX Runtime| " + ", ".join(f"{p} {d:.2e}" for p, d in diffs.items()) + ".")
+            lines.append(f"Served `{variant}` model: max |served - in-process| " + ", ".join(f"{p} {d:.2e}" for p, d in diffs.items()) + ".")
         latency = out["latency"]
         lines.append(f"Latency at concurrency 1 over {latency['protocol']} ({latency['requests']} requests, input "
-                     f"{latency['input_shapes']}): served p50 {latency['served_p50_ms']:.2f} ms vs in-process ONNX Runtime "
-                     f"p50 {latency['onnxruntime_p50_ms']:.2f} ms (overhead {latency['serving_overhead_p50_ms']:.2f} ms).")
+                     f"{latency['input_shapes']}): served p50 {latency['served_p50_ms']:.2f} ms vs the same model in-process "
+                     f"p50 {latency['in_process_p50_ms']:.2f} ms (overhead {latency['serving_overhead_p50_ms']:.2f} ms).")
     return "\n".join(lines) + "\n"
 
 

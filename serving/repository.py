@@ -45,6 +45,8 @@ class ServingConfig:
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     value_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     max_dims: dict[str, list[int]] = field(default_factory=dict)  # per input, the largest size of each axis
+    runtime: str = "onnxruntime"  # or "openvino": what the Python-backend model runs the ONNX file with
+    runtime_precision: str = ""  # OpenVINO's inference precision hint ("bf16", "f32")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.Model
     config.parameters["intra_op_threads"].string_value = str(serving.intra_op_threads)
     config.parameters["value_ranges"].string_value = json.dumps({k: list(v) for k, v in serving.value_ranges.items()})
     config.parameters["max_dims"].string_value = json.dumps(serving.max_dims)
+    config.parameters["runtime"].string_value = serving.runtime
+    if serving.runtime_precision:
+        config.parameters["runtime_precision"].string_value = serving.runtime_precision
     return config
 
 

@@ -39,13 +39,35 @@ class TritonPythonModel:
         self.value_ranges = json.loads(_parameter(config, "value_ranges", "{}"))
         self.max_dims = json.loads(_parameter(config, "max_dims", "{}"))
         onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        options = ort.SessionOptions()
         threads = int(_parameter(config, "intra_op_threads", "0"))
+        if _parameter(config, "runtime", "onnxruntime") == "openvino":
+            self._infer = self._openvino(onnx_path, _parameter(config, "runtime_precision", "bf16"), threads)
+            return
+        options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(onnx_path, options, providers=self._providers(args))
         self.provider = self.session.get_providers()[0]
+        self._infer = lambda feeds: self.session.run(self.output_names, feeds)
         pb_utils.Logger.log_info(f"{self.model_name}: ONNX Runtime {ort.__version__} on {self.provider}")
+
+    def _openvino(self, onnx_path: str, precision: str, threads: int):
+        """OpenVINO on the CPU (bf16/int8 kernels ONNX Runtime's CPU provider lacks); returns the run function."""
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = ov.Core().compile_model(onnx_path, "CPU", config)
+        request = compiled.create_infer_request()
+        self.provider = f"OpenVINO {ov.__version__} CPU ({precision})"
+        pb_utils.Logger.log_info(f"{self.model_name}: {self.provider}")
+
+        def run(feeds: dict) -> list:
+            results = {output.get_any_name(): np.array(value) for output, value in request.infer(feeds).items()}
+            return [results[name] for name in self.output_names]
+
+        return run
 
     @staticmethod
     def _providers(args: dict) -> list[str]:
@@ -113,7 +135,7 @@ class TritonPythonModel:
     def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list) -> None:
         if self.max_batch_size and len(members) > 1:
             feeds = {name: np.concatenate([arrays[name] for _, arrays in members]) for name, _, _ in self.inputs}
-            outputs = self.session.run(self.output_names, feeds)
+            outputs = self._infer(feeds)
             sizes = np.cumsum([arrays[self.inputs[0][0]].shape[0] for _, arrays in members])[:-1]
             per_request = [np.split(output, sizes) for output in outputs]
             for position, (index, _) in enumerate(members):
@@ -121,9 +143,10 @@ class TritonPythonModel:
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
             return
         for index, arrays in members:
-            outputs = self.session.run(self.output_names, arrays)
+            outputs = self._infer(arrays)
             tensors = [pb_utils.Tensor(name, output) for name, output in zip(self.output_names, outputs)]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self) -> None:
+        self._infer = None
         self.session = None

@@ -48,7 +48,7 @@ def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs
     assert deploy["loaded"] and deploy["ready_version"] == str(deploy["version"])
     check = stages["served_check"]["outputs"]
     for protocol in ("http", "grpc"):
-        assert check[protocol]["max_abs_diff_vs_onnxruntime"] <= 1e-5
+        assert check[protocol]["max_abs_diff_vs_in_process"] <= 1e-5
         if deploy["selected"] == "fp32":
             assert check[protocol]["top1_agreement_with_torch"] == 1.0
     assert set(check["variants"]) == set(deploy["variants"])

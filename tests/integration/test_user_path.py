@@ -67,7 +67,7 @@ def test_deployment_run_trains_exports_and_serves(stack):
     assert ready["digits-cnn"] == "1" and ready["digits-cnn-fp32"] == "1"
     summary = json.loads((Path(json.loads((home / ".tes" / "last-run.json").read_text())["run_dir"]) / "summary.json").read_text())
     served = summary["stages"]["served_check"]["outputs"]
-    assert served["grpc"]["max_abs_diff_vs_onnxruntime"] <= 1e-5 and served["variants"]["fp32"]["grpc"] <= 1e-5
+    assert served["grpc"]["max_abs_diff_vs_in_process"] <= 1e-5 and served["variants"]["fp32"]["grpc"] <= 1e-5
     assert served["grpc"]["top1_agreement_with_torch"] >= 0.9
 
 

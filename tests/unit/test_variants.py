@@ -27,9 +27,10 @@ def digits(tmp_path_factory):
 def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
     recipe, onnx_path, folder = digits
     reports = {r.name: r for r in build_and_score(recipe, onnx_path, folder / "all", PrecisionConfig(min_speedup=0, accuracy_budget=1, **FAST))}
-    assert list(reports) == ["fp32", "int8-dynamic", "int8-static", "fp16"]
+    assert list(reports) == ["fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8"]
     assert reports["fp32"].max_abs_diff == 0 and reports["fp32"].top1_agreement == 1
-    for name in ("int8-dynamic", "int8-static", "fp16"):
+    assert (reports["openvino-bf16"].runtime, reports["openvino-bf16"].runtime_precision) == ("openvino", "bf16")
+    for name in ("int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8"):
         report = reports[name]
         assert report.status == "accepted" and Path(report.path).is_file() and report.sha256
         assert 0 < report.max_abs_diff < 5 and report.top1_agreement > 0.5

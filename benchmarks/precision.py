@@ -1,0 +1,100 @@
+"""Precision variants against FP32 ONNX Runtime and torch eager, side by side in one run.
+
+    .venv/bin/python benchmarks/precision.py                       # trains the demo-size stdlib-gpt first (~2.5 min)
+    .venv/bin/python benchmarks/precision.py --weights runs/<run>/train/model.pt   # reuse a demo run's weights
+
+stdlib-gpt at its demo size, batch 8, context 128. Prints throughput (samples/s) of torch eager FP32, torch eager
+with bf16 autocast (AMX on CPUs that have it), and every ONNX Runtime variant, all timed round-robin on the same
+inputs, plus each variant's next-byte accuracy against FP32's. Goals (issue 3): best INT8 >= 2x FP32 ORT within
+1% relative accuracy; best deployable variant faster than torch eager bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
+from export.variants import PrecisionConfig, build_and_score  # noqa: E402
+from training.loop import TrainingConfig, load_trained, train  # noqa: E402
+from training.recipes import build_recipe  # noqa: E402
+
+
+def timed_round_robin(runners: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each runner, calling them in turn so machine noise hits all alike."""
+    for run in runners.values():
+        run()
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", help="model.pt of a demo-size stdlib-gpt run; default: train one now")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+
+    recipe = build_recipe("stdlib-gpt", {})  # the demo size: 4 layers, width 128, 4 heads, context 128
+    work = Path(tempfile.mkdtemp(prefix="tes-precision-"))
+    weights = args.weights or train(recipe, TrainingConfig(steps=args.steps, resume=False), work / "train").outputs["weights"]
+    model = load_trained(recipe, weights)
+    onnx_path = export_onnx(recipe, model, work, ExportConfig()).outputs["onnx"]
+    reports = build_and_score(recipe, onnx_path, work / "variants", PrecisionConfig(min_speedup=0, accuracy_budget=1))
+
+    inputs = recipe.example_inputs(args.batch)  # (8, 128) held-out bytes
+    tokens = torch.from_numpy(inputs["tokens"])
+    runners = {}
+
+    @torch.no_grad()
+    def torch_eager(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(tokens)
+
+    runners["torch eager fp32"] = lambda: torch_eager(False)
+    runners["torch eager bf16 autocast"] = lambda: torch_eager(True)
+    for report in reports:
+        if report.path:
+            session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+            runners[f"onnxruntime {report.name}"] = lambda s=session: s.run(None, inputs)
+    seconds = timed_round_robin(runners, args.repeats)
+
+    fp32_ort = seconds["onnxruntime fp32"]
+    accuracy = {f"onnxruntime {r.name}": r.metrics.get("next_byte_accuracy") for r in reports}
+    base_accuracy = accuracy["onnxruntime fp32"]
+    print(f"stdlib-gpt demo size, batch {args.batch}, context {tokens.shape[1]}, {args.repeats} round-robin repeats, "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'runtime':32s} {'samples/s':>10s} {'vs ORT fp32':>12s} {'vs torch bf16':>14s} {'accuracy':>9s} {'rel. to fp32':>12s}")
+    for name, value in seconds.items():
+        acc = accuracy.get(name)
+        acc_text = f"{acc:9.4f} {100 * (acc - base_accuracy) / base_accuracy:+11.2f}%" if acc is not None else f"{'-':>9s} {'-':>12s}"
+        print(f"{name:32s} {args.batch / value:10.1f} {fp32_ort / value:11.2f}x {seconds['torch eager bf16 autocast'] / value:13.2f}x {acc_text}")
+    int8 = {name: value for name, value in seconds.items() if "int8" in name
+            and abs(accuracy[name] - base_accuracy) / base_accuracy <= 0.01}
+    if int8:
+        best = min(int8, key=int8.get)
+        print(f"\nbest INT8 within 1% accuracy: {best}, {fp32_ort / int8[best]:.2f}x FP32 ORT throughput (goal >= 2x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seconds_per_batch": seconds, "accuracy": accuracy, "batch": args.batch}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

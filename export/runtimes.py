@@ -1,0 +1,51 @@
+"""In-process inference runtimes behind one small interface: `session.run(None, feeds) -> [arrays]`.
+
+ONNX Runtime runs every variant; OpenVINO runs the same ONNX files with bf16 (AMX) or int8 kernels, which ONNX
+Runtime's CPU provider lacks (it has no bf16 matrix kernels), so it is offered as its own variants.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from export.quantize import VariantSkipped
+
+Runtime = Literal["onnxruntime", "openvino"]
+
+
+class OpenVinoSession:
+    """An OpenVINO CPU model compiled from an ONNX file, with ONNX Runtime's `run` signature."""
+
+    def __init__(self, onnx_path: str | Path, precision: str = "bf16", threads: int = 0):
+        try:
+            import openvino as ov
+        except ImportError as error:
+            raise VariantSkipped("openvino is not installed") from error
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise VariantSkipped("this CPU has no bf16 support in OpenVINO (needs AVX512_BF16 or AMX)")
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled = core.compile_model(str(onnx_path), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self.output_names = [output.get_any_name() for output in self._compiled.outputs]
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self._request.infer(feeds)
+        by_name = {output.get_any_name(): np.array(value) for output, value in results.items()}
+        return [by_name[name] for name in (names or self.output_names)]
+
+
+def open_session(onnx_path: str | Path, runtime: Runtime = "onnxruntime", precision: str | None = None, threads: int = 0):
+    """A session for `onnx_path` in `runtime`; OpenVINO takes an inference precision ("bf16" or "f32")."""
+    if runtime == "openvino":
+        return OpenVinoSession(onnx_path, precision or "bf16", threads)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
