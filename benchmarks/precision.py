@@ -30,17 +30,21 @@ from training.loop import TrainingConfig, load_trained, train  # noqa: E402
 from training.recipes import build_recipe  # noqa: E402
 
 
-def timed_round_robin(runners: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each runner, calling them in turn so machine noise hits all alike."""
+def timed_round_robin(runners: dict, repeats: int, block: int = 6) -> dict[str, float]:
+    """Median seconds per call of each runner. Runners take turns in blocks of `block` calls, so slow drifts of
+    the machine hit all alike; the first call of each block is not counted, because the runtime that ran just
+    before may still hold the cores (thread pools spin-wait for a while after their work)."""
     for run in runners.values():
         run()
         run()
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // (block - 1))):
         for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            for call in range(block):
+                start = time.perf_counter()
+                run()
+                if call:
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -74,11 +78,11 @@ def main() -> None:
     for report in reports:
         if report.path:
             session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
-            runners[f"onnxruntime {report.name}"] = lambda s=session: s.run(None, inputs)
+            runners[f"{report.runtime} {report.name}"] = lambda s=session: s.run(None, inputs)
     seconds = timed_round_robin(runners, args.repeats)
 
     fp32_ort = seconds["onnxruntime fp32"]
-    accuracy = {f"onnxruntime {r.name}": r.metrics.get("next_byte_accuracy") for r in reports}
+    accuracy = {f"{r.runtime} {r.name}": r.metrics.get("next_byte_accuracy") for r in reports}
     base_accuracy = accuracy["onnxruntime fp32"]
     print(f"stdlib-gpt demo size, batch {args.batch}, context {tokens.shape[1]}, {args.repeats} round-robin repeats, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.get_num_threads()} threads")

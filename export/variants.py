@@ -99,19 +99,20 @@ def score(recipe: Recipe, report: VariantReport, session, batches: list, referen
     report.top1_agreement = float(agree.mean())
 
 
-def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int) -> dict[str, tuple[float, float]]:
-    """Per variant: (p50 ms at batch 1, samples/s at the batch), timed round-robin so noise hits all alike."""
+def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4) -> dict[str, tuple[float, float]]:
+    """Per variant: (p50 ms at batch 1, samples/s at the batch). Variants take turns in blocks of `block` calls
+    so slow drifts of the machine hit all alike; the first call of a block is not counted, because the session
+    that ran just before may still hold the cores (ONNX Runtime's threads spin-wait after their work)."""
     batch_size = len(next(iter(batch.values())))
-    for session in sessions.values():  # warm-up
-        session.run(None, single)
-        session.run(None, batch)
     timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // (block - 1))):
         for name, session in sessions.items():
             for inputs, bucket in ((single, timings[name][0]), (batch, timings[name][1])):
-                start = time.perf_counter()
-                session.run(None, inputs)
-                bucket.append(time.perf_counter() - start)
+                for call in range(block):
+                    start = time.perf_counter()
+                    session.run(None, inputs)
+                    if call:
+                        bucket.append(time.perf_counter() - start)
     return {name: (statistics.median(one) * 1e3, batch_size / statistics.median(many)) for name, (one, many) in timings.items()}
 
 
