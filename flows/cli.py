@@ -82,7 +82,7 @@ def cmd_status(_: argparse.Namespace) -> int:
         print(f"{part:8s} pid {state[part]['pid']:>7}  {'running' if triton.pid_alive(state[part]['pid']) else 'GONE'}")
     url = stack.triton_url("http")
     if url:
-        for entry in client.model_states(url):
+        for entry in client.model_states(url, stack.triton_admin_key()):
             print(f"model {entry.get('name')} version {entry.get('version', '-')}: {entry.get('state', 'UNAVAILABLE')} {entry.get('reason', '')}")
     return 0
 

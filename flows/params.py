@@ -28,11 +28,14 @@ class ServingParams(BaseModel):
     max_batch_size: int | None = Field(None, ge=0, le=4096, description="None: the recipe's default; 0 disables batching")
     dynamic_batching: bool = True
     max_queue_delay_microseconds: int = Field(500, ge=0, le=10_000_000)
+    max_queue_size: int = Field(0, ge=0, le=1_000_000, description="refuse requests beyond this many waiting; 0: no limit")
     instance_count: int = Field(1, ge=1, le=64)
     intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")
     load: bool = Field(True, description="load the new version into the running Triton (tes up) when there is one")
     triton_url: str | None = Field(None, description="host:port of Triton's HTTP endpoint; None: the one `tes up` started")
     triton_grpc_url: str | None = Field(None, description="host:port of its gRPC endpoint, checked too when given")
+    triton_admin_key: str | None = Field(None, description="key for its model-repository API, if restricted; "
+                                         "None: the key of the stack `tes up` started")
 
 
 class PipelineParams(BaseModel):
@@ -89,7 +92,7 @@ class PipelineParams(BaseModel):
         limit = recipe.max_batch_size if self.serving.max_batch_size is None else self.serving.max_batch_size
         return ServingConfig(
             max_batch_size=limit, dynamic_batching=self.serving.dynamic_batching,
-            max_queue_delay_microseconds=self.serving.max_queue_delay_microseconds,
+            max_queue_delay_microseconds=self.serving.max_queue_delay_microseconds, max_queue_size=self.serving.max_queue_size,
             instance_count=self.serving.instance_count, intra_op_threads=self.serving.intra_op_threads,
             value_ranges=value_ranges, max_dims=max_dims,
         )

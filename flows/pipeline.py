@@ -89,9 +89,10 @@ def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, variants: 
         elif url is None:
             outputs["load_skipped"] = "no Triton is running: start one with `tes up`, or set serving.triton_url"
         else:
+            key = params.serving.triton_admin_key if params.serving.triton_url else stack.triton_admin_key()
             for entry in deployed.values():
-                entry["ready_version"] = client.load_model(url, entry["model"])
-            outputs["ready_version"] = client.load_model(url, name)
+                entry["ready_version"] = client.load_model(url, entry["model"], admin_key=key)
+            outputs["ready_version"] = client.load_model(url, name, admin_key=key)
             grpc_url = params.serving.triton_grpc_url if params.serving.triton_url else stack.triton_url("grpc")
             outputs.update(loaded=True, triton_http=url, triton_grpc=grpc_url)
     return StageResult("deploy", Status.OK, clock["seconds"], outputs=outputs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -43,6 +44,12 @@ def triton_url(protocol: str = "http") -> str | None:
         return None
     server = state["triton"]
     return f"{server['host']}:{server[f'{protocol}_port']}"
+
+
+def triton_admin_key() -> str | None:
+    """The key the stack's Triton wants for its model-repository API (None when no stack is up)."""
+    state = read()
+    return state["triton"].get("admin_key") if state else None
 
 
 def prefect_env(api_url: str) -> dict[str, str]:
@@ -107,6 +114,7 @@ def up(*, host: str = "127.0.0.1", prefect_port: int | None = None, http_port: i
             triton.stop(pid)
         raise
     atomic_write_json(stack_file(), state)
+    stack_file().chmod(0o600)  # it holds Triton's admin key
     return state
 
 
@@ -128,9 +136,10 @@ def _start_all(host, prefect_port, http_port, grpc_port, metrics_port, say, star
     ports = [_pick_port(given, preferred, host) for given, preferred in zip((http_port, grpc_port, metrics_port), TRITON_PREFERRED_PORTS)]
     say(f"starting Triton on {host} (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]}) ...")
     repo = paths.resolve("model_repository")
-    server_triton = triton.start(repo, paths.state_dir() / "triton", host=host, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
+    server_triton = triton.start(repo, paths.state_dir() / "triton", host=host, http_port=ports[0], grpc_port=ports[1],
+                                 metrics_port=ports[2], admin_key=secrets.token_urlsafe(24))
     started.append(server_triton.pid)
-    loaded = _load_existing(server_triton.http_url, repo)
+    loaded = _load_existing(server_triton.http_url, repo, server_triton.admin_key)
     if loaded:
         say(f"loaded models already in {repo}: {', '.join(loaded)}")
     return {
@@ -140,13 +149,13 @@ def _start_all(host, prefect_port, http_port, grpc_port, metrics_port, say, star
     }
 
 
-def _load_existing(url: str, repo: Path) -> list[str]:
+def _load_existing(url: str, repo: Path, admin_key: str | None) -> list[str]:
     """Serve again what earlier runs deployed (explicit model control starts with nothing loaded)."""
     loaded = []
     for folder in sorted(repo.iterdir()) if repo.is_dir() else []:
         if folder.is_dir() and (folder / "config.pbtxt").is_file() and repository.versions(folder):
             try:
-                client.load_model(url, folder.name)
+                client.load_model(url, folder.name, admin_key=admin_key)
                 loaded.append(folder.name)
             except ServerError as error:
                 print(f"warning: {error}", file=sys.stderr)

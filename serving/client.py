@@ -11,6 +11,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from core.errors import InferenceError, ServerError
+from serving.triton import ADMIN_HEADER
 
 Protocol = Literal["http", "grpc"]
 
@@ -24,21 +25,29 @@ def connect(url: str, protocol: Protocol = "http", timeout_s: float = 60.0):
 
 
 def infer(
-    url: str, model: str, inputs: dict[str, np.ndarray], protocol: Protocol = "http", version: str = "", client=None
+    url: str, model: str, inputs: dict[str, np.ndarray], protocol: Protocol = "http", version: str = "", client=None,
+    timeout_s: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """One request; returns every output by name. Raises `InferenceError` with the server's message."""
+    """One request; returns every output by name. Raises `InferenceError` with the server's message, or when
+    no answer came within `timeout_s` (a gRPC deadline; for HTTP, the connection's network timeout)."""
     module = httpclient if protocol == "http" else grpcclient
     owned = client is None
+    if client is None and protocol == "http" and timeout_s is not None:
+        client = connect(url, protocol, timeout_s)
     client = client or connect(url, protocol)
     request = []
     for name, array in inputs.items():
         tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         request.append(tensor)
+    extra = {"client_timeout": timeout_s} if protocol == "grpc" and timeout_s is not None else {}
     try:
-        result = client.infer(model, request, model_version=version)
+        result = client.infer(model, request, model_version=version, **extra)
     except InferenceServerException as error:
         raise InferenceError(f"model '{model}' at {url} over {protocol}: {error.message()}") from error
+    except (TimeoutError, OSError) as error:  # HTTP: socket timeouts and refused or reset connections
+        raise InferenceError(f"model '{model}' at {url} over {protocol}: no answer ({type(error).__name__}: {error}); "
+                             "is the server up, and is the timeout long enough?") from error
     finally:
         if owned:
             client.close()
@@ -48,14 +57,18 @@ def infer(
     return {name: result.as_numpy(name) for name in names}
 
 
-def load_model(url: str, model: str, timeout_s: float = 120.0) -> str:
+def admin_headers(admin_key: str | None) -> dict[str, str] | None:
+    return {ADMIN_HEADER: admin_key} if admin_key else None
+
+
+def load_model(url: str, model: str, timeout_s: float = 120.0, admin_key: str | None = None) -> str:
     """Ask Triton (explicit model control) to load or reload `model`; returns the ready version."""
-    client = connect(url, "http", timeout_s)
+    client, headers = connect(url, "http", timeout_s), admin_headers(admin_key)
     try:
-        client.load_model(model)
+        client.load_model(model, headers=headers)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            index = client.get_model_repository_index()
+            index = client.get_model_repository_index(headers=headers)
             ready = [entry for entry in index if entry.get("name") == model and entry.get("state") == "READY"]
             if ready:
                 return str(ready[0].get("version", ""))
@@ -67,11 +80,11 @@ def load_model(url: str, model: str, timeout_s: float = 120.0) -> str:
     raise ServerError(f"model '{model}' was not READY on {url} after {timeout_s:.0f} s")
 
 
-def model_states(url: str) -> list[dict]:
+def model_states(url: str, admin_key: str | None = None) -> list[dict]:
     """The repository index: name, version, state (and reason) of each model Triton knows."""
     client = connect(url, "http", 10)
     try:
-        return client.get_model_repository_index()
+        return client.get_model_repository_index(headers=admin_headers(admin_key))
     except Exception as error:  # connection refused comes as several exception types
         raise ServerError(f"cannot reach Triton at {url}: {error}") from error
     finally:

@@ -41,6 +41,7 @@ class ServingConfig:
     max_batch_size: int = 32
     dynamic_batching: bool = True
     max_queue_delay_microseconds: int = 500
+    max_queue_size: int = 0  # requests waiting beyond this are refused at once; 0: no limit
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     value_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -135,6 +136,8 @@ def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.Model
     config.version_policy.latest.num_versions = 1
     if serving.dynamic_batching and serving.max_batch_size > 0:
         config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_microseconds
+        if serving.max_queue_size:
+            config.dynamic_batching.default_queue_policy.max_queue_size = serving.max_queue_size
     config.parameters["intra_op_threads"].string_value = str(serving.intra_op_threads)
     config.parameters["value_ranges"].string_value = json.dumps({k: list(v) for k, v in serving.value_ranges.items()})
     config.parameters["max_dims"].string_value = json.dumps(serving.max_dims)

@@ -21,6 +21,9 @@ from pathlib import Path
 from core.errors import ServerError
 
 READY_TIMEOUT_S = 60.0
+ADMIN_HEADER = "tes-admin-key"
+# APIs that change or expose the server beyond inference: they answer only with the admin key in ADMIN_HEADER
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,6 +85,7 @@ class TritonProcess:
     repository: str
     log_path: str
     host: str = "127.0.0.1"
+    admin_key: str | None = None  # None: the restricted APIs are open (tests); `tes up` always sets one
 
     @property
     def http_url(self) -> str:
@@ -120,8 +124,12 @@ def start(
     metrics_port: int | None = None,
     extra_args: list[str] | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    admin_key: str | None = None,
 ) -> TritonProcess:
-    """Start tritonserver and wait until it is ready; on failure, stop it and raise with its log tail."""
+    """Start tritonserver and wait until it is ready; on failure, stop it and raise with its log tail.
+
+    With `admin_key`, the model-repository, shared-memory, trace and logging APIs of both protocols answer only
+    requests that carry it in the `tes-admin-key` header; health, metadata and inference stay open."""
     dist, _ = _pytriton_paths()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +153,14 @@ def start(
         f"--grpc-address={host}", f"--grpc-port={ports['grpc']}",
         f"--metrics-address={host}", f"--metrics-port={ports['metrics']}",
         "--allow-gpu-metrics=false",
+        *(_restriction_args(admin_key) if admin_key else []),
         *(extra_args or []),
     ]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), start_new_session=True
         )
-    server = TritonProcess(process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(log_path), host)
+    server = TritonProcess(process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(log_path), host, admin_key)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -161,6 +170,13 @@ def start(
         time.sleep(0.2)
     stop(server.pid)
     raise ServerError(f"tritonserver was not ready after {ready_timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}")
+
+
+def _restriction_args(admin_key: str) -> list[str]:
+    if not admin_key.replace("-", "").replace("_", "").isalnum():
+        raise ServerError("the admin key may hold only letters, digits, '-' and '_' (it goes into a command line flag)")
+    rule = f"{','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={admin_key}"
+    return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
 
 def pid_alive(pid: int) -> bool:

@@ -63,7 +63,7 @@ def test_deployment_run_trains_exports_and_serves(stack):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
     url = f"127.0.0.1:{state['triton']['http_port']}"
-    ready = {e["name"]: e["version"] for e in client.model_states(url) if e.get("state") == "READY"}
+    ready = {e["name"]: e["version"] for e in client.model_states(url, state["triton"]["admin_key"]) if e.get("state") == "READY"}
     assert ready["digits-cnn"] == "1" and ready["digits-cnn-fp32"] == "1"
     summary = json.loads((Path(json.loads((home / ".tes" / "last-run.json").read_text())["run_dir"]) / "summary.json").read_text())
     served = summary["stages"]["served_check"]["outputs"]
