@@ -50,6 +50,11 @@ class StageResult:
         data["status"] = self.status.value
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StageResult":
+        return cls(stage=data["stage"], status=Status(data["status"]), seconds=data["seconds"], reason=data["reason"],
+                   artifacts=[Artifact(**artifact) for artifact in data["artifacts"]], outputs=data["outputs"])
+
 
 @contextmanager
 def timed() -> Iterator[dict[str, float]]:

@@ -22,7 +22,7 @@ from core.results import Artifact, RunDir, StageResult, Status, new_run_id, time
 from export.onnx_export import export_onnx
 from export.runtimes import open_session
 from export.variants import build_and_score
-from flows import stack
+from flows import cache, stack
 from flows.params import PipelineParams
 from flows.report import render_report
 from serving import check, client, repository
@@ -78,11 +78,12 @@ def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, variants: 
             version = repository.write_version(repo, f"{name}-{report['name']}", report["path"], serving,
                                                provenance={**provenance, "variant": report["name"]})
             repository.verify_version(version.path)
-            deployed[report["name"]] = {"model": version.model_name, "version": version.version, "path": str(version.path)}
+            deployed[report["name"]] = {"model": version.model_name, "version": version.version, "path": str(version.path),
+                                        "reused": version.reused}
         selected = next(r["name"] for r in variants if r["serves_alias"])
         alias = repository.write_alias(repo, name, deployed[selected]["model"], provenance={**provenance, "variant": selected})
         outputs: dict[str, Any] = {"model": name, "version": alias.version, "path": str(alias.path), "selected": selected,
-                                   "variants": deployed, "loaded": False}
+                                   "variants": deployed, "reused": alias.reused, "loaded": False}
         url = params.serving.triton_url or stack.triton_url("http")
         if not params.serving.load:
             outputs["load_skipped"] = "serving.load is false"
@@ -131,14 +132,18 @@ def _torch_top1(recipe: Recipe, weights: str) -> list[np.ndarray]:
 
 
 def run_pipeline(params: PipelineParams, call: Call = direct_call, publish: Callable[[str], None] | None = None) -> dict:
-    """Run every stage in order; returns the run summary (also written to the run folder)."""
+    """Run every stage in order; returns the run summary (also written to the run folder).
+
+    A run whose data, code and configuration match an earlier completed run reuses its training, export and
+    precision artifacts, and the deployment reuses identical versions: nothing is computed twice."""
     recipe = params.build_recipe()
     run = RunDir(paths.resolve(params.runs_dir) / new_run_id(params.triton_model_name))
-    run.update(params=params.model_dump(mode="json"), recipe=recipe.describe(), status="running")
+    key = cache.cache_key(params, recipe)
+    run.update(params=params.model_dump(mode="json"), recipe=recipe.describe(), status="running", cache_key=key)
     log.info("run folder: %s", run.path)
     results: list[StageResult] = []
     try:
-        for result in _stages(recipe, params, run, call):
+        for result in _stages(recipe, params, run, call, cache.lookup(key)):
             run.record(result)
             results.append(result)
     except BaseException as error:  # the manifest must say the run failed, whatever stopped it
@@ -147,6 +152,7 @@ def run_pipeline(params: PipelineParams, call: Call = direct_call, publish: Call
     summary = {"run_id": run.path.name, "run_dir": str(run.path), "status": "completed",
                "stages": {r.stage: r.to_dict() for r in results}}
     run.update(status="completed")
+    cache.remember(key, run.path)
     markdown = render_report(summary)
     atomic_write_text(run.path / "report.md", markdown)
     atomic_write_json(run.path / "summary.json", summary)
@@ -156,13 +162,22 @@ def run_pipeline(params: PipelineParams, call: Call = direct_call, publish: Call
     return summary
 
 
-def _stages(recipe: Recipe, params: PipelineParams, run: RunDir, call: Call):
-    trained = call("train", stage_train, recipe, params, run)
+def reuse_stage(cached: dict, stage: str) -> StageResult:
+    result = StageResult.from_dict(cached["stages"][stage])
+    result.reason = f"cached: same data, code and configuration as {Path(cached['run_dir']).name}"
+    result.seconds = 0.0
+    return result
+
+
+def _stages(recipe: Recipe, params: PipelineParams, run: RunDir, call: Call, cached: dict | None):
+    trained = call("train", reuse_stage, cached, "train") if cached else call("train", stage_train, recipe, params, run)
     yield trained
     weights = trained.outputs["weights"]
-    exported = call("export", stage_export, recipe, params, run, weights)
+    exported = (call("export", reuse_stage, cached, "export") if cached
+                else call("export", stage_export, recipe, params, run, weights))
     yield exported
-    precision = call("precision", stage_precision, recipe, params, run, exported.outputs["onnx"])
+    precision = (call("precision", reuse_stage, cached, "precision") if cached
+                 else call("precision", stage_precision, recipe, params, run, exported.outputs["onnx"]))
     yield precision
     variants = precision.outputs["variants"]
     deployed = call("deploy", stage_deploy, recipe, params, run, variants)

@@ -57,6 +57,7 @@ class VersionResult:
     path: Path
     config_path: Path
     files: dict[str, str]  # file name -> sha256
+    reused: bool = False  # the newest version already held exactly these files and this config
 
 
 def check_model_name(name: str) -> str:
@@ -167,17 +168,23 @@ def write_version(
         shutil.copyfile(onnx_path, staging / "model.onnx")
         shutil.copyfile(BACKEND_MODEL_FILE, staging / "model.py")
 
-    return publish_version(repository, name, build_config(name, onnx_path, serving), populate, provenance)
+    files = {"model.onnx": sha256_file(onnx_path), "model.py": sha256_file(BACKEND_MODEL_FILE)}
+    return publish_version(repository, name, build_config(name, onnx_path, serving), populate, provenance, files)
 
 
 def publish_version(
-    repository: str | Path, name: str, config: mc.ModelConfig, populate: Callable[[Path], None], provenance: dict | None = None
+    repository: str | Path, name: str, config: mc.ModelConfig, populate: Callable[[Path], None],
+    provenance: dict | None = None, files: dict[str, str] | None = None,
 ) -> VersionResult:
     """Assemble a version in a staging folder (`populate` fills it), checksum it, write the model's config, and
-    rename the folder to the next version number. Leftover staging folders of killed writes are removed first."""
+    rename the folder to the next version number. Leftover staging folders of killed writes are removed first.
+    When the newest version already holds `files` (name -> sha256) under the same config, it is returned as is."""
     folder = model_dir(Path(repository), name)
     folder.mkdir(parents=True, exist_ok=True)
     clean_staging(folder)
+    same = _newest_if_identical(folder, config_text(config), files or {})
+    if same is not None:
+        return same
     staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
@@ -190,6 +197,20 @@ def publish_version(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return VersionResult(name, version, folder / str(version), config_path, files)
+
+
+def _newest_if_identical(folder: Path, text: str, files: dict[str, str]) -> VersionResult | None:
+    numbers, config_path = versions(folder), folder / "config.pbtxt"
+    if not numbers or not config_path.is_file() or config_path.read_text(encoding="utf-8") != text:
+        return None
+    newest = folder / str(numbers[-1])
+    manifest_path = newest / VERSION_MANIFEST
+    if not manifest_path.is_file():
+        return None
+    recorded = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    if recorded != files:
+        return None
+    return VersionResult(folder.name, numbers[-1], newest, config_path, recorded, reused=True)
 
 
 def read_config(repository: str | Path, name: str) -> mc.ModelConfig:

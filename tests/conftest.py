@@ -14,6 +14,18 @@ TINY_GPT = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "train_me
 TINY_DIGITS = {"channels": 8, "hidden": 32}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_project_home(tmp_path_factory: pytest.TempPathFactory):
+    """No test writes runs, caches or stack state into the checkout: the whole session gets its own home."""
+    previous = os.environ.get("TES_HOME")
+    os.environ["TES_HOME"] = str(tmp_path_factory.mktemp("tes-home"))
+    yield
+    if previous is None:
+        os.environ.pop("TES_HOME", None)
+    else:
+        os.environ["TES_HOME"] = previous
+
+
 @pytest.fixture
 def tes_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private project home: runs/, model_repository/ and .tes/ all go under tmp_path."""

@@ -1,5 +1,6 @@
 """Reliability and security promises, each against a real, locked-down Triton (see docs/reliability.md)."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -29,6 +30,12 @@ KEY = "test-admin-key"
 MODEL = "gpt"
 SERVING = ServingConfig(max_batch_size=4, value_ranges={"tokens": (0, 255)}, max_dims={"tokens": [32]})
 GOOD = {"tokens": np.arange(8, dtype=np.int64)[None]}
+_delays = iter(range(501, 10_000))
+
+
+def _new_config() -> ServingConfig:
+    """A config unlike every earlier one, so the writer makes a new version instead of reusing the newest."""
+    return dataclasses.replace(SERVING, max_queue_delay_microseconds=next(_delays))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +126,7 @@ def test_requests_keep_succeeding_while_a_new_version_loads(locked, onnx_file):
     sender.start()
     try:
         time.sleep(0.5)
-        version = repository.write_version(locked.repository, MODEL, onnx_file, SERVING).version
+        version = repository.write_version(locked.repository, MODEL, onnx_file, _new_config()).version
         client.load_model(locked.http_url, MODEL, admin_key=KEY)
         time.sleep(0.5)
     finally:
@@ -131,7 +138,7 @@ def test_requests_keep_succeeding_while_a_new_version_loads(locked, onnx_file):
 
 def test_a_corrupt_version_fails_to_load_and_the_previous_one_keeps_serving(locked, onnx_file):
     serving_before = _ready_versions(locked)
-    bad = repository.write_version(locked.repository, MODEL, onnx_file, SERVING)
+    bad = repository.write_version(locked.repository, MODEL, onnx_file, _new_config())
     (bad.path / "model.onnx").write_bytes(b"not an onnx file")  # reaches Triton despite the checksum
     with pytest.raises(ServerError, match="failed to load"):
         client.load_model(locked.http_url, MODEL, admin_key=KEY)
@@ -171,7 +178,7 @@ def test_a_deployment_killed_midway_leaves_nothing_half_written(locked, onnx_fil
     assert repository.versions(folder) == before
     client.load_model(locked.http_url, MODEL, admin_key=KEY)  # what a reload now sees is still the old version
     assert _ready_versions(locked) == serving_before
-    assert repository.write_version(locked.repository, MODEL, onnx_file, SERVING).version == before[-1] + 1
+    assert repository.write_version(locked.repository, MODEL, onnx_file, _new_config()).version == before[-1] + 1
     assert not list(folder.glob(".staging-*"))
 
 

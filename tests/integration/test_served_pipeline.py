@@ -71,13 +71,18 @@ def test_served_outputs_match_onnxruntime_and_torch_top1(runs, triton_server, na
         assert np.array_equal(served.argmax(-1), predict(batch.inputs).argmax(-1))
 
 
-def test_a_second_run_rolls_the_model_to_the_next_version(runs, triton_server):
+def test_a_changed_run_rolls_the_model_to_the_next_version(runs, triton_server):
     params, first = runs["digits-cnn"]
-    second = run_pipeline(params)
-    assert second["stages"]["deploy"]["outputs"]["version"] == first["stages"]["deploy"]["outputs"]["version"] + 1
+    changed = params.model_dump(mode="json")
+    changed["training"]["seed"] += 1
+    second = run_pipeline(parse_params(changed))
+    before, after = first["stages"]["deploy"]["outputs"], second["stages"]["deploy"]["outputs"]
+    assert after["variants"]["fp32"]["version"] == before["variants"]["fp32"]["version"] + 1
     states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
-    assert states[("digits-cnn", str(second["stages"]["deploy"]["outputs"]["version"]))] == "READY"
     assert states[("digits-cnn-fp32", "2")] == "READY" and states[("digits-cnn-fp32", "1")] != "READY"
+    # the alias gets a new version only when it points somewhere else; either way it is READY
+    assert after["version"] == before["version"] + (after["selected"] != before["selected"])
+    assert states[("digits-cnn", str(after["version"]))] == "READY"
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -95,3 +100,19 @@ def test_bad_requests_are_refused_naming_the_tensor_and_the_server_stays_healthy
     assert message in str(caught.value)
     good = client.infer(url, "stdlib-gpt", {"tokens": np.arange(8, dtype=np.int64)[None]}, protocol)
     assert good["logits"].shape == (1, 256)
+
+
+def test_a_rerun_with_the_same_inputs_repeats_no_work(runs, triton_server):
+    params, first = runs["stdlib-gpt"]
+    again = run_pipeline(params)
+    stages = again["stages"]
+    for stage in ("train", "export", "precision"):
+        assert stages[stage]["reason"].startswith("cached:") and stages[stage]["seconds"] == 0.0
+        assert stages[stage]["artifacts"] == first["stages"][stage]["artifacts"]  # the same files, checksummed
+    assert not (Path(again["run_dir"]) / "train").exists()  # nothing was trained into the new run folder
+    deploy, first_deploy = stages["deploy"]["outputs"], first["stages"]["deploy"]["outputs"]
+    assert deploy["variants"]["fp32"]["reused"] and deploy["reused"]
+    assert deploy["variants"]["fp32"]["version"] == first_deploy["variants"]["fp32"]["version"]
+    # a different configuration is a cache miss
+    changed = parse_params({**params.model_dump(mode="json"), "training": {**params.training.model_dump(), "seed": 7}})
+    assert run_pipeline(changed)["stages"]["train"]["reason"] == ""

@@ -40,10 +40,19 @@ def test_no_dynamic_batching_block_when_disabled(tmp_path: Path, onnx_files):
 
 def test_versions_count_up_with_checksummed_files(tmp_path: Path, onnx_files):
     first = write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig())
-    second = write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig())
+    second = write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig(instance_count=2))
     assert (first.version, second.version) == (1, 2)
     assert sorted(p.name for p in second.path.iterdir()) == ["manifest.json", "model.onnx", "model.py"]
     assert verify_version(second.path) == second.files
+
+
+def test_identical_content_reuses_the_newest_version(tmp_path: Path, onnx_files):
+    first = write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig())
+    again = write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig())
+    assert again.reused and again.version == first.version == 1
+    assert repository.versions(tmp_path / "digits-cnn") == [1]
+    other = write_version(tmp_path, "digits-cnn", onnx_files["stdlib-gpt"], ServingConfig())
+    assert not other.reused and other.version == 2
 
 
 def test_a_write_killed_midway_leaves_no_version_and_is_cleaned_next_time(tmp_path: Path, onnx_files, monkeypatch):
@@ -57,12 +66,12 @@ def test_a_write_killed_midway_leaves_no_version_and_is_cleaned_next_time(tmp_pa
 
     monkeypatch.setattr(repository.shutil, "copyfile", die_on_backend_copy)
     with pytest.raises(KeyboardInterrupt):
-        write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig())
+        write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig(instance_count=2))
     assert repository.versions(tmp_path / "digits-cnn") == [1]
     # a hard kill skips the cleanup: leave a staging folder behind by hand, the next write removes it
     (tmp_path / "digits-cnn" / ".staging-deadbeef").mkdir()
     monkeypatch.setattr(repository.shutil, "copyfile", real_copy)
-    assert write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig()).version == 2
+    assert write_version(tmp_path, "digits-cnn", onnx_files["digits-cnn"], ServingConfig(instance_count=2)).version == 2
     assert not list((tmp_path / "digits-cnn").glob(".staging-*"))
 
 

@@ -99,5 +99,9 @@ class Recipe(ABC):
     def example_inputs(self, batch_size: int = 2) -> dict[str, np.ndarray]:
         return next(iter(self.eval_batches(batch_size))).inputs
 
+    def data_fingerprint(self) -> str | None:
+        """A hash of the data the recipe trains and validates on; None (the default) turns re-run caching off."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"recipe": self.name, "options": self.options.model_dump()}

@@ -5,6 +5,7 @@ Fixed shapes and seconds-long training: the fast path for tests.
 
 from __future__ import annotations
 
+import hashlib
 from functools import cached_property
 from typing import Iterator
 
@@ -67,6 +68,13 @@ class DigitsCnnRecipe(Recipe):
         held_out = int(round(len(labels) * self.options.validation_fraction))
         val, train = order[:held_out], order[held_out:]
         return {"train": (images[train], labels[train]), "validation": (images[val], labels[val])}
+
+    def data_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        arrays = [array for pair in self._splits.values() for array in pair]
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         images, labels = (torch.from_numpy(array) for array in self._splits["train"])

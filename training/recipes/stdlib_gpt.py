@@ -170,6 +170,13 @@ class StdlibGptRecipe(Recipe):
                 raise ValueError(f"stdlib-gpt: the {split} split has only {len(data)} bytes")
         return splits
 
+    def data_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        arrays = list(self._splits.values())
+        for array in arrays:
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         data = torch.from_numpy(self._splits["train"].astype(np.int64))
         context = self.options.block_size
