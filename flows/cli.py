@@ -6,6 +6,7 @@
     tes infer stdlib-gpt --text "def fib(n):" --protocol grpc
     tes complete "def fib(n):"
     tes report
+    tes bench stdlib-gpt --thorough
 """
 
 from __future__ import annotations
@@ -260,6 +261,36 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from flows.bench import SHORT, THOROUGH, BenchmarkOptions, run_benchmark
+
+    def numbers(text: str | None, kind: type) -> tuple | None:
+        return tuple(kind(part) for part in text.split(",")) if text else None
+
+    options = BenchmarkOptions(thorough=args.thorough, protocols=tuple(args.protocol or ("grpc", "http")),
+                               concurrencies=numbers(args.concurrency, int), rates=numbers(args.rate, float),
+                               p99_budget_ms=args.p99_budget_ms, sweep_configs=args.sweep_configs, apply_best=args.apply_best)
+    preset = THOROUGH if args.thorough else SHORT
+    total = len(options.protocols) * (len(options.concurrencies or preset["concurrencies"]) + len(options.rates or preset["rates"]))
+    bar = tqdm(total=total, desc=f"bench {args.model}", unit="point")
+
+    def progress(line: str) -> None:
+        bar.write(line)
+        if line.startswith("  "):  # a finished load point
+            bar.update(1)
+
+    try:
+        summary = run_benchmark(args.model, options, http_url=args.url, grpc_url=args.grpc_url,
+                                out_dir=Path(args.out) if args.out else None, progress=progress)
+    finally:
+        bar.close()
+    print(Path(summary["outputs"]["markdown"]).read_text())
+    print("outputs:", ", ".join(summary["outputs"].values()))
+    return 0
+
+
 def cmd_variants(args: argparse.Namespace) -> int:
     from export.variants import render_table
     from flows.pipeline import load_summary
@@ -320,6 +351,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--protocol", choices=("http", "grpc"), default="http")
         command.add_argument("--url", default=None, help="host:port of Triton for that protocol; default: the stack's")
         command.set_defaults(handler=handler)
+
+    bench = commands.add_parser("bench", help="benchmark a served model: baselines, concurrency and Poisson-rate sweeps, plots")
+    bench.add_argument("model")
+    bench.add_argument("--url", help="host:port of Triton's HTTP endpoint; default: the stack's")
+    bench.add_argument("--grpc-url", help="host:port of its gRPC endpoint; default: the stack's")
+    bench.add_argument("--protocol", action="append", choices=("grpc", "http"), help="repeat for both (default)")
+    bench.add_argument("--thorough", action="store_true", help="concurrency 1..32, Poisson rates, 3 s windows")
+    bench.add_argument("--concurrency", help="comma-separated, e.g. 1,2,4,8")
+    bench.add_argument("--rate", help="comma-separated Poisson request rates per second, e.g. 50,100,200")
+    bench.add_argument("--p99-budget-ms", type=float, default=50.0)
+    bench.add_argument("--sweep-configs", action="store_true", help="try dynamic batching, queue delays, instance counts")
+    bench.add_argument("--apply-best", action="store_true", help="deploy the best configuration found")
+    bench.add_argument("--out", help="output folder; default runs/benchmarks/<time>-<model>")
+    bench.set_defaults(handler=cmd_bench)
 
     for name, handler, text in (("report", cmd_report, "print a run's report (default: the last run)"),
                                 ("variants", cmd_variants, "print a run's precision-variant table (default: the last run)")):

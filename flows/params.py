@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError, RecipeError
+from flows.bench import BenchmarkOptions
 from export.onnx_export import ExportConfig
 from export.variants import PrecisionConfig
 from serving.repository import ServingConfig, check_model_name
@@ -50,6 +51,7 @@ class PipelineParams(BaseModel):
     export: ExportConfig = ExportConfig()
     precision: PrecisionConfig = PrecisionConfig()
     serving: ServingParams = ServingParams()
+    benchmark: BenchmarkOptions = BenchmarkOptions()
     runs_dir: str = Field("runs", min_length=1, description="where run folders go (relative to the project home)")
     repository: str = Field("model_repository", min_length=1, description="the Triton model repository folder")
 

@@ -23,6 +23,7 @@ from export.onnx_export import export_onnx
 from export.runtimes import open_session
 from export.variants import build_and_score
 from flows import cache, stack
+from flows.bench import run_benchmark
 from flows.params import PipelineParams
 from flows.report import render_report
 from serving import check, client, repository
@@ -124,6 +125,22 @@ def stage_served_check(recipe: Recipe, deploy: dict, variants: list[dict], torch
     return StageResult("served_check", Status.OK, clock["seconds"], outputs=report)
 
 
+def stage_benchmark(params: PipelineParams, run: RunDir, deploy: dict) -> StageResult:
+    """The serving benchmark of the plain model name (short by default), with in-process baselines."""
+    if not params.benchmark.enabled:
+        return StageResult("benchmark", Status.SKIPPED, reason="benchmark.enabled is false")
+    if not deploy.get("loaded"):
+        return StageResult("benchmark", Status.SKIPPED, reason=deploy.get("load_skipped", "model not loaded"))
+    key = params.serving.triton_admin_key if params.serving.triton_url else stack.triton_admin_key()
+    with timed() as clock:
+        summary = run_benchmark(deploy["model"], params.benchmark, http_url=deploy["triton_http"], grpc_url=deploy.get("triton_grpc"),
+                                admin_key=key, repository_path=params.repository, out_dir=run.stage_dir("benchmark"),
+                                progress=log.info)
+    artifacts = [Artifact.of(path) for path in summary["outputs"].values()]
+    return StageResult("benchmark", Status.OK, clock["seconds"], artifacts=artifacts,
+                       outputs={"outputs": summary["outputs"], "points": summary["points"], "baselines": summary["baselines"]})
+
+
 def _torch_top1(recipe: Recipe, weights: str) -> list[np.ndarray]:
     from training.loop import torch_predictor
 
@@ -183,6 +200,7 @@ def _stages(recipe: Recipe, params: PipelineParams, run: RunDir, call: Call, cac
     deployed = call("deploy", stage_deploy, recipe, params, run, variants)
     yield deployed
     yield call("served_check", stage_served_check, recipe, deployed.outputs, variants, _torch_top1(recipe, weights))
+    yield call("benchmark", stage_benchmark, params, run, deployed.outputs)
 
 
 def load_summary(run: str | Path | None = None) -> dict:

@@ -7,6 +7,7 @@ The flow's parameters are the fields of `PipelineParams`, one by one, so each ca
 `--param`; a test keeps the two lists equal.
 """
 
+from pathlib import Path
 from typing import Annotated, Any, Callable
 
 from prefect import flow, get_run_logger, task
@@ -16,6 +17,7 @@ from pydantic import Field
 
 from export.onnx_export import ExportConfig
 from export.variants import PrecisionConfig
+from flows.bench import BenchmarkOptions, run_benchmark
 from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
 from core.results import StageResult
 from flows.pipeline import run_pipeline
@@ -50,13 +52,31 @@ def train_export_serve(
     export: ExportConfig = ExportConfig(),
     precision: PrecisionConfig = PrecisionConfig(),
     serving: ServingParams = ServingParams(),
+    benchmark: BenchmarkOptions = BenchmarkOptions(),
     runs_dir: str = "runs",
     repository: str = "model_repository",
 ) -> dict:
     params: PipelineParams = parse_params(dict(
         recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
-        training=training, export=export, precision=precision, serving=serving, runs_dir=runs_dir, repository=repository,
+        training=training, export=export, precision=precision, serving=serving, benchmark=benchmark, runs_dir=runs_dir,
+        repository=repository,
     ))
     summary = run_pipeline(params, call=_as_task, publish=_publish)
     get_run_logger().info("run folder: %s", summary["run_dir"])
     return summary
+
+
+@flow(name="benchmark", description="Benchmark a served model: baselines, concurrency and Poisson-rate sweeps, plots.")
+def benchmark_flow(
+    model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = "stdlib-gpt",
+    options: BenchmarkOptions = BenchmarkOptions(),
+    triton_url: str | None = None,
+    triton_grpc_url: str | None = None,
+    repository: str = "model_repository",
+) -> dict:
+    logger = get_run_logger()
+    summary = run_benchmark(model, options, http_url=triton_url, grpc_url=triton_grpc_url, repository_path=repository,
+                            progress=logger.info)
+    markdown = Path(summary["outputs"]["markdown"]).read_text()
+    create_markdown_artifact(markdown=markdown, key="benchmark-report", description=f"benchmark of {model}")
+    return {"outputs": summary["outputs"], "best_rate_under_budget": summary["best_rate_under_budget"]}

@@ -44,6 +44,17 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append(f"Latency at concurrency 1 over {latency['protocol']} ({latency['requests']} requests, input "
                      f"{latency['input_shapes']}): served p50 {latency['served_p50_ms']:.2f} ms vs the same model in-process "
                      f"p50 {latency['in_process_p50_ms']:.2f} ms (overhead {latency['serving_overhead_p50_ms']:.2f} ms).")
+    bench = stages.get("benchmark", {})
+    if bench.get("status") == "ok":
+        lines += ["", f"## Serving benchmark (short; full report `{bench['outputs']['outputs']['markdown']}`)", "",
+                  "| protocol | load | throughput | p50 | p99 | stable |", "| --- | --- | --- | --- | --- | --- |"]
+        for point in bench["outputs"]["points"]:
+            load = f"c={point['load']:.0f}" if point["mode"] == "concurrency" else f"{point['load']:.0f}/s"
+            lines.append(f"| {point['protocol']} | {load} | {point['throughput']:.1f}/s | {point['latency_ms'].get('p50', 0):.2f} ms | "
+                         f"{point['latency_ms'].get('p99', 0):.2f} ms | {'yes' if point['stable'] else 'no'} |")
+        for base in bench["outputs"]["baselines"]:
+            lines.append(f"\nIn-process {base['runtime']}: p50 {base['latency_p50_ms']:.2f} ms at batch 1, "
+                         f"{base['throughput_per_s']:.0f} samples/s at batch {base['batch']}.")
     return "\n".join(lines) + "\n"
 
 

@@ -236,6 +236,23 @@ def write_alias(repository: str | Path, alias: str, target: str, provenance: dic
     return publish_version(repository, alias, config, lambda staging: None, {"alias_of": target, **(provenance or {})})
 
 
+def serving_config_of(config: mc.ModelConfig) -> ServingConfig:
+    """The `ServingConfig` a python-flavour `config.pbtxt` was built from (to rewrite it with changes)."""
+    def parameter(key: str, default: str) -> str:
+        return config.parameters[key].string_value if key in config.parameters else default
+
+    group = config.instance_group[0] if config.instance_group else None
+    return ServingConfig(
+        max_batch_size=config.max_batch_size, dynamic_batching=config.HasField("dynamic_batching"),
+        max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
+        max_queue_size=config.dynamic_batching.default_queue_policy.max_queue_size,
+        instance_count=group.count if group else 1, intra_op_threads=int(parameter("intra_op_threads", "0")),
+        value_ranges={k: tuple(v) for k, v in json.loads(parameter("value_ranges", "{}")).items()},
+        max_dims=json.loads(parameter("max_dims", "{}")), runtime=parameter("runtime", "onnxruntime"),
+        runtime_precision=parameter("runtime_precision", ""),
+    )
+
+
 def alias_target(repository: str | Path, alias: str) -> str | None:
     """The model an ensemble alias forwards to, or None if `alias` is not an alias."""
     config = read_config(repository, alias)

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from core.errors import InferenceError
+import json
+
+from flows.bench import BenchmarkOptions, run_benchmark
 from flows.params import parse_params
 from flows.pipeline import run_pipeline
-from serving import client
+from serving import client, repository
 from serving.check import ort_session
 from tests.conftest import TINY_DIGITS, TINY_GPT
 from training.loop import load_trained, torch_predictor
@@ -21,10 +24,12 @@ CASES = {
     "digits-cnn": {"recipe": "digits-cnn", "digits_cnn": TINY_DIGITS,
                    "training": {"steps": 60, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 128},
                    "precision": {"accuracy_budget": 1.0, "min_speedup": 0.0, "calibration_samples": 32,
-                                 "score_samples": 128, "speed_repeats": 3}},
+                                 "score_samples": 128, "speed_repeats": 3},
+                   "benchmark": {"protocols": ["grpc", "http"], "concurrencies": [2], "samples": 16}},
     "stdlib-gpt": {"recipe": "stdlib-gpt", "stdlib_gpt": TINY_GPT,
                    "training": {"steps": 20, "eval_every": 1000, "eval_samples": 64},
-                   "precision": {"variants": ["fp32"], "score_samples": 64, "speed_repeats": 3}},
+                   "precision": {"variants": ["fp32"], "score_samples": 64, "speed_repeats": 3},
+                   "benchmark": {"enabled": False}},
 }
 
 
@@ -44,6 +49,7 @@ def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs
     _, summary = runs[name]
     stages = summary["stages"]
     assert [stages[s]["status"] for s in ("train", "export", "precision", "deploy", "served_check")] == ["ok"] * 5
+    assert stages["benchmark"]["status"] == ("ok" if name == "digits-cnn" else "skipped")
     deploy = stages["deploy"]["outputs"]
     assert deploy["loaded"] and deploy["ready_version"] == str(deploy["version"])
     check = stages["served_check"]["outputs"]
@@ -116,3 +122,31 @@ def test_a_rerun_with_the_same_inputs_repeats_no_work(runs, triton_server):
     # a different configuration is a cache miss
     changed = parse_params({**params.model_dump(mode="json"), "training": {**params.training.model_dump(), "seed": 7}})
     assert run_pipeline(changed)["stages"]["train"]["reason"] == ""
+
+
+def test_the_benchmark_stage_writes_every_output(runs):
+    _, summary = runs["digits-cnn"]
+    bench = summary["stages"]["benchmark"]["outputs"]
+    assert {Path(path).suffix for path in bench["outputs"].values()} == {".json", ".csv", ".md", ".png"}
+    assert all(Path(path).stat().st_size > 0 for path in bench["outputs"].values())
+    assert {(p["protocol"], p["load"]) for p in bench["points"]} == {("grpc", 2.0), ("http", 2.0)}
+    assert {b["runtime"] for b in bench["baselines"]} >= {"torch eager fp32"}
+    data = json.loads(Path(bench["outputs"]["json"]).read_text())
+    assert data["system"]["cpu"]["logical_cores"] >= 1 and data["system"]["versions"]["triton_server"]
+    assert Path(bench["outputs"]["csv"]).read_text().splitlines()[0].startswith("model,protocol,mode,load")
+
+
+def test_configuration_sweep_finds_and_applies_the_best(runs, triton_server, tmp_path):
+    params, summary = runs["digits-cnn"]
+    options = BenchmarkOptions(protocols=("grpc",), concurrencies=(1,), samples=16, sweep_configs=True, apply_best=True)
+    result = run_benchmark("digits-cnn", options, http_url=triton_server.http_url, grpc_url=triton_server.grpc_url,
+                           repository_path=triton_server.repository, out_dir=tmp_path, progress=lambda _: None)
+    sweep = result["config_sweep"]
+    assert len(sweep) == 5 and sweep[0]["throughput"] == max(r["throughput"] for r in sweep)
+    applied = result["applied"]
+    config = repository.read_config(triton_server.repository, applied["model"])
+    assert config.HasField("dynamic_batching") == applied["dynamic_batching"]
+    assert config.instance_group[0].count == applied["instance_count"]
+    states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
+    assert states[(applied["model"], str(applied["version"]))] == "READY"
+    assert not (Path(triton_server.repository) / "digits-cnn-sweep").exists()  # the scratch model is gone
