@@ -28,7 +28,7 @@ class ServingParams(BaseModel):
 
     max_batch_size: int | None = Field(None, ge=0, le=4096, description="None: the recipe's default; 0 disables batching")
     dynamic_batching: bool = True
-    max_queue_delay_microseconds: int = Field(500, ge=0, le=10_000_000)
+    max_queue_delay_microseconds: int = Field(0, ge=0, le=10_000_000, description="how long the batcher may hold a request for company; 0 measured best here (benchmarks/serving_overhead.py)")
     max_queue_size: int = Field(0, ge=0, le=1_000_000, description="refuse requests beyond this many waiting; 0: no limit")
     instance_count: int = Field(1, ge=1, le=64)
     intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")

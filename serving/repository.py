@@ -40,7 +40,7 @@ class ServingConfig:
 
     max_batch_size: int = 32
     dynamic_batching: bool = True
-    max_queue_delay_microseconds: int = 500
+    max_queue_delay_microseconds: int = 0  # 0: no waiting at low load; under load the batcher still groups what queued
     max_queue_size: int = 0  # requests waiting beyond this are refused at once; 0: no limit
     instance_count: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
@@ -136,6 +136,7 @@ def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.Model
     config.instance_group.add(count=serving.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
     config.version_policy.latest.num_versions = 1
     if serving.dynamic_batching and serving.max_batch_size > 0:
+        config.dynamic_batching.SetInParent()  # present even when every field keeps its default
         config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_microseconds
         if serving.max_queue_size:
             config.dynamic_batching.default_queue_policy.max_queue_size = serving.max_queue_size

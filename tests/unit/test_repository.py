@@ -30,7 +30,7 @@ def test_config_comes_from_the_onnx_graph_and_parses_as_model_config(tmp_path: P
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("tokens", mc.TYPE_INT64, [-1])]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [("logits", mc.TYPE_FP32, [256])]
     assert config.instance_group[0].count == 2 and config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 0
 
 
 def test_no_dynamic_batching_block_when_disabled(tmp_path: Path, onnx_files):
