@@ -305,6 +305,18 @@ def cmd_variants(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from flows.accounting import render_ledger
+    from flows.pipeline import load_summary
+
+    summary = load_summary(args.run)
+    if "ledger" not in summary:
+        raise TesError(f"run {summary['run_id']} has no ledger")
+    print(render_ledger(json.loads(Path(summary["ledger"]["json"]).read_text())))
+    print(f"plot: {summary['ledger']['plot']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from flows.pipeline import load_summary
 
@@ -367,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     for name, handler, text in (("report", cmd_report, "print a run's report (default: the last run)"),
-                                ("variants", cmd_variants, "print a run's precision-variant table (default: the last run)")):
+                                ("variants", cmd_variants, "print a run's precision-variant table (default: the last run)"),
+                                ("ledger", cmd_ledger, "print a run's compute and energy ledger (default: the last run)")):
         command = commands.add_parser(name, help=text)
         command.add_argument("run", nargs="?", default=None, help="the run folder")
         command.set_defaults(handler=handler)

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError, RecipeError
+from core.ledger import Prices
 from flows.bench import BenchmarkOptions
 from export.onnx_export import ExportConfig
 from export.variants import PrecisionConfig
@@ -52,6 +53,7 @@ class PipelineParams(BaseModel):
     precision: PrecisionConfig = PrecisionConfig()
     serving: ServingParams = ServingParams()
     benchmark: BenchmarkOptions = BenchmarkOptions()
+    prices: Prices = Prices()
     runs_dir: str = Field("runs", min_length=1, description="where run folders go (relative to the project home)")
     repository: str = Field("model_repository", min_length=1, description="the Triton model repository folder")
 

@@ -22,12 +22,13 @@ from core.results import Artifact, RunDir, StageResult, Status, new_run_id, time
 from export.onnx_export import export_onnx
 from export.runtimes import open_session
 from export.variants import build_and_score
-from flows import cache, stack
+from core.ledger import Ledger
+from flows import accounting, cache, stack
 from flows.bench import run_benchmark
 from flows.params import PipelineParams
 from flows.report import render_report
 from serving import check, client, repository
-from training.loop import evaluate, load_trained, train
+from training.loop import evaluate, load_trained, pick_device, train
 from training.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -159,18 +160,22 @@ def run_pipeline(params: PipelineParams, call: Call = direct_call, publish: Call
     run.update(params=params.model_dump(mode="json"), recipe=recipe.describe(), status="running", cache_key=key)
     log.info("run folder: %s", run.path)
     results: list[StageResult] = []
+    ledger = Ledger(params.prices)
+    device = str(pick_device(params.training.device))
     try:
-        for result in _stages(recipe, params, run, call, cache.lookup(key)):
+        for result in _stages(recipe, params, run, accounting.measured(ledger, call, device), cache.lookup(key)):
             run.record(result)
             results.append(result)
     except BaseException as error:  # the manifest must say the run failed, whatever stopped it
         run.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise
+    extra = accounting.enrich(ledger, recipe, params, {r.stage: r for r in results})
+    ledger_files, ledger_markdown = accounting.write(ledger, extra, run.path)
     summary = {"run_id": run.path.name, "run_dir": str(run.path), "status": "completed",
-               "stages": {r.stage: r.to_dict() for r in results}}
-    run.update(status="completed")
+               "stages": {r.stage: r.to_dict() for r in results}, "ledger": ledger_files}
+    run.update(status="completed", ledger=ledger_files)
     cache.remember(key, run.path)
-    markdown = render_report(summary)
+    markdown = render_report(summary) + "\n## Compute and energy ledger\n\n" + ledger_markdown
     atomic_write_text(run.path / "report.md", markdown)
     atomic_write_json(run.path / "summary.json", summary)
     atomic_write_json(paths.state_dir() / "last-run.json", {"run_dir": str(run.path)})

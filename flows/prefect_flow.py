@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from core.ledger import Prices
 from export.onnx_export import ExportConfig
 from export.variants import PrecisionConfig
 from flows.bench import BenchmarkOptions, run_benchmark
@@ -53,12 +54,13 @@ def train_export_serve(
     precision: PrecisionConfig = PrecisionConfig(),
     serving: ServingParams = ServingParams(),
     benchmark: BenchmarkOptions = BenchmarkOptions(),
+    prices: Prices = Prices(),
     runs_dir: str = "runs",
     repository: str = "model_repository",
 ) -> dict:
     params: PipelineParams = parse_params(dict(
         recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
-        training=training, export=export, precision=precision, serving=serving, benchmark=benchmark, runs_dir=runs_dir,
+        training=training, export=export, precision=precision, serving=serving, benchmark=benchmark, prices=prices, runs_dir=runs_dir,
         repository=repository,
     ))
     summary = run_pipeline(params, call=_as_task, publish=_publish)

@@ -53,7 +53,7 @@ def render_report(summary: dict[str, Any]) -> str:
             lines.append(f"| {point['protocol']} | {load} | {point['throughput']:.1f}/s | {point['latency_ms'].get('p50', 0):.2f} ms | "
                          f"{point['latency_ms'].get('p99', 0):.2f} ms | {'yes' if point['stable'] else 'no'} |")
         for base in bench["outputs"]["baselines"]:
-            lines.append(f"\nIn-process {base['runtime']}: p50 {base['latency_p50_ms']:.2f} ms at batch 1, "
+            lines.append(f"\nIn-process {base['model']} ({base['runtime']}): p50 {base['latency_p50_ms']:.2f} ms at batch 1, "
                          f"{base['throughput_per_s']:.0f} samples/s at batch {base['batch']}.")
     return "\n".join(lines) + "\n"
 

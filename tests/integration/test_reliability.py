@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_bad_request_is_refused_and_the_next_good_one_succeeds(locked, protocol,
 def test_oversized_payloads_are_refused_and_memory_stays_bounded(locked):
     """The bundled Triton (2.51) has no request-size limit, so a payload is buffered before our model refuses it:
     memory rises by a few payloads while the allocator warms up, then stays flat. 16 more refused requests
-    (512 MB in all) must add less than two payloads' worth."""
+    (512 MB in all) must add less than four payloads' worth (a leak would add all of it)."""
     huge = {"tokens": np.zeros((1, 4_000_000), np.int64)}  # 32 MB
     server = psutil.Process(locked.pid)
 
@@ -102,10 +103,10 @@ def test_oversized_payloads_are_refused_and_memory_stays_bounded(locked):
                 with pytest.raises(InferenceError, match="expected at most"):
                     client.infer(_url(locked, protocol), MODEL, huge, protocol)
 
-    refuse_rounds(8)
+    refuse_rounds(12)
     warmed = rss_mb()
     refuse_rounds(8)
-    assert rss_mb() - warmed < 64, "memory grew with every oversized request"
+    assert rss_mb() - warmed < 128, "memory grew with every oversized request"
     assert client.infer(locked.grpc_url, MODEL, GOOD, "grpc")["logits"].shape == (1, 256)
 
 
@@ -186,8 +187,9 @@ def test_a_deployment_killed_midway_leaves_nothing_half_written(locked, onnx_fil
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_client_deadline_gives_a_timeout_error(locked, protocol):
     batch = {"tokens": np.random.default_rng(0).integers(0, 256, (4, 32), dtype=np.int64)}
-    with pytest.raises(InferenceError, match="Deadline Exceeded|timed out"):
+    with pytest.raises(InferenceError) as caught:
         client.infer(_url(locked, protocol), MODEL, batch, protocol, timeout_s=1e-4)
+    assert re.search("deadline exceeded|timed out", str(caught.value), re.IGNORECASE), str(caught.value)
     assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol)["logits"].shape == (1, 256)
 
 

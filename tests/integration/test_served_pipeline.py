@@ -150,3 +150,19 @@ def test_configuration_sweep_finds_and_applies_the_best(runs, triton_server, tmp
     states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
     assert states[(applied["model"], str(applied["version"]))] == "READY"
     assert not (Path(triton_server.repository) / "digits-cnn-sweep").exists()  # the scratch model is gone
+
+
+def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
+    _, summary = runs["stdlib-gpt"]
+    ledger = json.loads(Path(summary["ledger"]["json"]).read_text())
+    entries = {entry["stage"]: entry for entry in ledger["entries"]}
+    assert list(entries) == ["train", "export", "precision", "deploy", "served_check", "benchmark"]
+    assert entries["benchmark"]["notes"] == ["skipped: benchmark.enabled is false"]
+    train = entries["train"]
+    assert train["flops"] > 0 and "FlopCounterMode" in train["flops_method"] and any("6·N·D" in n for n in train["notes"])
+    assert train["achieved_flops_per_s"] > 0 and train["peak_flops_per_s"] and 0 < train["utilization"] < 1
+    for entry in entries.values():
+        assert entry["wall_s"] >= 0 and entry["peak_host_mb"] > 0 and entry["cost_usd"] >= 0
+        assert entry["energy"]["cpu"]["kind"] in ("measured", "estimated")  # estimated here: no RAPL on these machines
+        assert entry["inputs"]["usd_per_kwh"] == ledger["prices"]["usd_per_kwh"]
+    assert ledger["inference_flops_per_sample"] > 0 and Path(summary["ledger"]["plot"]).stat().st_size > 1000

@@ -1,0 +1,121 @@
+"""The run's compute and energy ledger, filled around the pipeline's stages (see `core/ledger.py`).
+
+Each stage is measured as it runs (wall time, peak memory, energy measured or estimated); afterwards the
+training entry gets its FLOPs (counted on a real step, extrapolated, beside 6·N·D) and its device peak, the
+benchmark adds joules per inference at each load point, and the precision variants get their pay-back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from core.ledger import Entry, Ledger, payback_inferences, plot_costs, render_markdown
+from core.peaks import cpu_peak_flops, gpu_peak_flops, measured_matmul_flops
+from core.results import StageResult
+from flows.params import PipelineParams
+from training.flops import inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
+from training.recipes import Recipe
+
+
+def measured(ledger: Ledger, call: Callable, device: str) -> Callable:
+    """`call` with every stage inside a ledger entry."""
+    def measured_call(stage: str, function: Callable, *args: Any) -> StageResult:
+        with ledger.measure(stage, device=device if stage == "train" else "cpu") as entry:
+            result = call(stage, function, *args)
+        if result.reason.startswith("cached"):
+            entry.notes.append(f"{result.reason}: no compute spent")
+        elif result.status.value == "skipped":
+            entry.notes.append(f"skipped: {result.reason}")
+        return result
+
+    return measured_call
+
+
+def _entry(ledger: Ledger, stage: str) -> Entry | None:
+    return next((e for e in ledger.entries if e.stage == stage), None)
+
+
+def enrich(ledger: Ledger, recipe: Recipe, params: PipelineParams, results: dict[str, StageResult]) -> dict[str, Any]:
+    """FLOPs, peaks, serving energy and pay-back; returns the extra figures kept beside the entries."""
+    extra: dict[str, Any] = {"matmul_fp32_flops_per_s_measured": measured_matmul_flops()}
+    model = recipe.build_model()  # FLOPs do not depend on the weights
+    per_sample = inference_flops_per_sample(recipe, model)
+    extra["inference_flops_per_sample"] = per_sample
+    train, entry = results.get("train"), _entry(ledger, "train")
+    if train and entry and not train.reason.startswith("cached"):
+        steps = train.outputs["steps"]
+        entry.flops = training_step_flops(recipe, model, params.training.batch_size) * steps
+        entry.flops_method = f"torch FlopCounterMode on one real step x {steps} steps (validation passes not counted)"
+        if recipe.name == "stdlib-gpt":
+            rule = six_n_d(model, tokens_per_step(recipe, params.training.batch_size) * steps)
+            entry.notes.append(f"6·N·D rule of thumb: {rule:.3g} FLOPs (counted / rule = {entry.flops / rule:.3f})")
+        device, bf16 = train.outputs["device"], train.outputs["autocast_bf16"]
+        entry.peak_flops_per_s, entry.peak_method = (gpu_peak_flops(_gpu_name(), "bf16" if bf16 else "fp32") if device.startswith("cuda")
+                                                     else cpu_peak_flops("fp32"))
+    extra["serving"] = _serving(ledger, results.get("benchmark"), per_sample)
+    extra["payback"] = _payback(ledger, results.get("precision"))
+    return extra
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+
+
+def _serving(ledger: Ledger, bench: StageResult | None, flops_per_inference: int) -> list[dict]:
+    """Joules per inference at each load point: the benchmark stage's average power over its throughput."""
+    entry = _entry(ledger, "benchmark")
+    if not bench or bench.status.value != "ok" or not entry or not entry.joules:
+        return []
+    watts, kind = entry.joules / entry.wall_s, entry.energy_kind
+    rows = []
+    for point in bench.outputs["points"]:
+        if point["throughput"] > 0:
+            joules = watts / point["throughput"]
+            rows.append({"protocol": point["protocol"], "mode": point["mode"], "load": point["load"], "energy_kind": kind,
+                         "joules_per_inference": joules, "inferences_per_joule": 1 / joules,
+                         "p50_ms_per_gflop": point["latency_ms"].get("p50", 0) / (flops_per_inference / 1e9)})
+    return rows
+
+
+def _payback(ledger: Ledger, precision: StageResult | None) -> list[dict]:
+    """Inferences needed for each variant's per-inference saving to repay its share of the precision stage's energy.
+    The stage's energy is split evenly over the variants it built (a stated simplification); per-inference energy
+    is the stage's average power over the variant's in-process throughput."""
+    entry = _entry(ledger, "precision")
+    if not precision or not entry or not entry.joules:
+        return []
+    variants = [v for v in precision.outputs["variants"] if v["throughput_per_s"] > 0]
+    fp32 = next((v for v in variants if v["name"] == "fp32"), None)
+    if not fp32 or len(variants) < 2:
+        return []
+    watts, share = entry.joules / entry.wall_s, entry.joules / (len(variants) - 1)
+    return [{"variant": v["name"], "build_joules": share, "energy_kind": entry.energy_kind,
+             "joules_per_inference": watts / v["throughput_per_s"], "fp32_joules_per_inference": watts / fp32["throughput_per_s"],
+             "payback_inferences": payback_inferences(share, watts / fp32["throughput_per_s"], watts / v["throughput_per_s"])}
+            for v in variants if v["name"] != "fp32"]
+
+
+def write(ledger: Ledger, extra: dict[str, Any], folder: Path) -> tuple[dict[str, str], str]:
+    data = {**ledger.to_dict(), **extra}
+    ledger_path = folder / "ledger.json"
+    from core.files import atomic_write_json
+
+    atomic_write_json(ledger_path, data)
+    plot_path = plot_costs(folder / "ledger.png", data)
+    return {"json": str(ledger_path), "plot": str(plot_path)}, render_ledger(data)
+
+
+def render_ledger(data: dict[str, Any]) -> str:
+    lines = [render_markdown(data)]
+    lines.append(f"Inference: {data['inference_flops_per_sample']:.3g} FLOPs per sample; this machine's numpy FP32 matmul reaches "
+                 f"{data['matmul_fp32_flops_per_s_measured'] / 1e9:.1f} GFLOP/s.")
+    for row in data.get("serving", []):
+        lines.append(f"- serving {row['protocol']} {row['mode']} {row['load']:.0f}: {row['joules_per_inference']:.4f} J/inference "
+                     f"({row['inferences_per_joule']:.1f} inferences/J, {row['energy_kind']}), p50 {row['p50_ms_per_gflop']:.3f} ms per GFLOP")
+    for row in data.get("payback", []):
+        pays = f"{row['payback_inferences']:.3g} inferences" if row["payback_inferences"] else "never (it is not cheaper per inference)"
+        lines.append(f"- pay-back of {row['variant']}: {pays} ({row['energy_kind']}; build share {row['build_joules']:.1f} J)")
+    return "\n".join(lines) + "\n"
