@@ -4,7 +4,9 @@
   loaded; Volta and newer), read before and after a stage.
 - CPUs: RAPL package domains under `/sys/class/powercap/intel-rapl:*/energy_uj` (microjoules, wrapping at
   `max_energy_range_uj`; root-only on most kernels since CVE-2020-8694).
-- Otherwise an estimate from a declared model: TDP x (CPU cores the process kept busy / cores in the package).
+- Otherwise an estimate from a declared model: watts per busy core x the cores the process kept busy. The default,
+  8 W per core, is a server CPU's TDP over its core count (for example 280 W / 32 cores = 8.75 W); a VM cannot
+  see its host's package, so the figure is declared, not derived.
 Both readers take their root (a folder, an NVML module) as a parameter so tests can hand them fakes.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 RAPL_ROOT = Path("/sys/class/powercap")
-DEFAULT_CPU_TDP_W = 280.0  # a 2-socket-class server CPU package; a declared assumption, override in the ledger's prices
+DEFAULT_WATTS_PER_CORE = 8.0  # declared assumption (see the module docstring); override in the ledger's prices
 
 
 @dataclass
@@ -89,20 +91,19 @@ class NvmlReader:
             return None
 
 
-def estimate(seconds: float, busy_cores: float, package_cores: int | None = None, tdp_watts: float = DEFAULT_CPU_TDP_W) -> Energy:
-    """Declared model: the process's share of the package's cores times its TDP, over the wall time."""
-    cores = package_cores or os.cpu_count() or 1
-    share = min(1.0, max(0.0, busy_cores / cores))
-    return Energy("estimated", tdp_watts * share * seconds,
-                  f"TDP {tdp_watts:.0f} W x {busy_cores:.2f} busy of {cores} cores x {seconds:.1f} s")
+def estimate(seconds: float, busy_cores: float, watts_per_core: float = DEFAULT_WATTS_PER_CORE, cores: int | None = None) -> Energy:
+    """Declared model: watts per busy core x busy cores (at most the cores there are) x wall time."""
+    busy = min(max(0.0, busy_cores), cores or os.cpu_count() or 1)
+    return Energy("estimated", watts_per_core * busy * seconds,
+                  f"{watts_per_core:.1f} W per busy core (declared) x {busy:.2f} busy cores x {seconds:.1f} s")
 
 
 class EnergyMeter:
     """Reads every available counter at `start()` and `stop()`; falls back to the estimate, never raises."""
 
-    def __init__(self, rapl_root: Path = RAPL_ROOT, nvml: Any = None, tdp_watts: float = DEFAULT_CPU_TDP_W, use_gpu: bool = True):
+    def __init__(self, rapl_root: Path = RAPL_ROOT, nvml: Any = None, watts_per_core: float = DEFAULT_WATTS_PER_CORE, use_gpu: bool = True):
         self.rapl, self.nvml = RaplReader(rapl_root), (NvmlReader(nvml) if use_gpu else None)
-        self.tdp_watts = tdp_watts
+        self.watts_per_core = watts_per_core
         self._rapl_start = self._nvml_start = None
 
     def start(self) -> None:
@@ -115,9 +116,9 @@ class EnergyMeter:
         if self._rapl_start and rapl_end:
             readings["cpu"] = Energy("measured", RaplReader.joules_between(self._rapl_start, rapl_end), "RAPL package energy counters")
         else:
-            readings["cpu"] = estimate(seconds, busy_cores, tdp_watts=self.tdp_watts)
+            readings["cpu"] = estimate(seconds, busy_cores, self.watts_per_core)
             readings["cpu"].method += f"; no measurement: {self.rapl.reason}"
-        if self.nvml is not None:
+        if self.nvml is not None and self.nvml.handles:  # no GPU: nothing to report for it
             end = self.nvml.read() if self._nvml_start is not None else None
             readings["gpu"] = (Energy("measured", (end - self._nvml_start) / 1e3, "NVML total-energy counter")
                                if end is not None else Energy("unavailable", None, self.nvml.reason))

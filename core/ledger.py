@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.energy import DEFAULT_CPU_TDP_W, Energy, EnergyMeter
+from core.energy import DEFAULT_WATTS_PER_CORE, Energy, EnergyMeter
 from core.files import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Prices(BaseModel):
                                                   description="rental price of the device the stage ran on")
     usd_per_kwh: float = Field(0.15, ge=0)
     grid_g_co2e_per_kwh: float = Field(400.0, ge=0, description="carbon intensity of the electricity")
-    cpu_tdp_watts: float = Field(DEFAULT_CPU_TDP_W, gt=0, description="for the energy estimate where nothing is measured")
+    cpu_watts_per_busy_core: float = Field(DEFAULT_WATTS_PER_CORE, gt=0, description="for the energy estimate where nothing is measured")
 
 
 @dataclass
@@ -118,7 +118,7 @@ class Ledger:
     def __init__(self, prices: Prices | None = None, energy_meter_factory=None):
         self.prices = prices or Prices()
         self.entries: list[Entry] = []
-        self._meter = energy_meter_factory or (lambda: EnergyMeter(tdp_watts=self.prices.cpu_tdp_watts))
+        self._meter = energy_meter_factory or (lambda: EnergyMeter(watts_per_core=self.prices.cpu_watts_per_busy_core))
 
     @contextlib.contextmanager
     def measure(self, stage: str, device: str = "cpu", device_count: int = 1) -> Iterator[Entry]:
@@ -187,7 +187,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                      f"{achieved} | {utilization} | {energy} | ${e['cost_usd']:.5f} | {co2} |")
     prices = data["prices"]
     lines += ["", f"Prices: {prices['usd_per_device_hour']} USD per device-hour, {prices['usd_per_kwh']} USD/kWh, "
-              f"{prices['grid_g_co2e_per_kwh']} g CO2e/kWh; CPU TDP for estimates {prices['cpu_tdp_watts']} W. "
+              f"{prices['grid_g_co2e_per_kwh']} g CO2e/kWh; estimates assume {prices['cpu_watts_per_busy_core']} W per busy CPU core. "
               "ESTIMATED energy comes from a declared model, not a meter."]
     for e in data["entries"]:
         lines += [f"- {e['stage']}: {note}" for note in e["notes"]]

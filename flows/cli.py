@@ -317,6 +317,14 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from flows.scaling import scaling_sweep
+
+    result = scaling_sweep(args.widths, args.steps, args.layers)
+    print(f"plot: {result['plot']}\ndata: {result['json']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from flows.pipeline import load_summary
 
@@ -377,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--apply-best", action="store_true", help="deploy the best configuration found")
     bench.add_argument("--out", help="output folder; default runs/benchmarks/<time>-<model>")
     bench.set_defaults(handler=cmd_bench)
+
+    scaling = commands.add_parser("scaling", help="train a few stdlib-gpt sizes briefly; plot bits per byte vs training FLOPs")
+    scaling.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
+    scaling.add_argument("--steps", type=int, default=150)
+    scaling.add_argument("--layers", type=int, default=2)
+    scaling.set_defaults(handler=cmd_scaling)
 
     for name, handler, text in (("report", cmd_report, "print a run's report (default: the last run)"),
                                 ("variants", cmd_variants, "print a run's precision-variant table (default: the last run)"),

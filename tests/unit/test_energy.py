@@ -38,7 +38,7 @@ def test_unreadable_rapl_falls_back_to_an_estimate_that_says_so(tmp_path: Path):
     if reading.kind == "measured":  # running as root reads it anyway: then it must be the real difference
         assert reading.joules == 0
     else:
-        assert reading.kind == "estimated" and "ESTIMATED" in reading.label() and "TDP" in reading.method
+        assert reading.kind == "estimated" and "ESTIMATED" in reading.label() and "per busy core" in reading.method
 
 
 class FakeNvml:
@@ -74,11 +74,11 @@ def test_on_this_machine_energy_is_estimated_never_measured():
     meter.start()
     readings = meter.stop(seconds=1.0, busy_cores=1.0)
     if meter.rapl.read() is None:
-        assert readings["cpu"].kind == "estimated" and readings["cpu"].method.startswith("TDP")
+        assert readings["cpu"].kind == "estimated" and "declared" in readings["cpu"].method
     if NvmlReader().read() is None:
         assert readings.get("gpu", Energy("unavailable", None, "")).kind == "unavailable"
 
 
 def test_estimate_is_proportional_to_busy_cores_and_time():
-    assert estimate(10, 1.0, package_cores=4, tdp_watts=200).joules == pytest.approx(500)
-    assert estimate(10, 8.0, package_cores=4, tdp_watts=200).joules == pytest.approx(2000)  # capped at the package
+    assert estimate(10, 1.5, watts_per_core=8, cores=4).joules == pytest.approx(120)
+    assert estimate(10, 8.0, watts_per_core=8, cores=4).joules == pytest.approx(320)  # no more cores busy than there are
