@@ -325,6 +325,23 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_repository(args: argparse.Namespace) -> int:
+    from flows.params import parse_params
+    from flows.pipeline import load_summary
+    from serving.native_repository import export_repository
+
+    summary = load_summary(args.run)
+    manifest = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())
+    params = parse_params(manifest["params"])
+    model = args.model or params.triton_model_name
+    written = export_repository(Path(summary["run_dir"]), Path(args.out), model, params.serving_config(params.build_recipe()), gpu=not args.cpu)
+    for version in written:
+        print(f"{version.model_name} version {version.version}: {version.path}")
+    print(f"\nServe it with a Triton that has the onnxruntime and tensorrt backends, e.g. an NGC container:\n"
+          f"  tritonserver --model-repository={Path(args.out).resolve()}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from flows.pipeline import load_summary
 
@@ -385,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--apply-best", action="store_true", help="deploy the best configuration found")
     bench.add_argument("--out", help="output folder; default runs/benchmarks/<time>-<model>")
     bench.set_defaults(handler=cmd_bench)
+
+    export = commands.add_parser("export-repository", help="write a native (onnxruntime_onnx / tensorrt_plan) repository from a run")
+    export.add_argument("out", help="the repository folder to write")
+    export.add_argument("--run", default=None, help="the run folder (default: the last run)")
+    export.add_argument("--model", default=None, help="model name prefix (default: the run's)")
+    export.add_argument("--cpu", action="store_true", help="KIND_CPU instance groups instead of KIND_GPU")
+    export.set_defaults(handler=cmd_export_repository)
 
     scaling = commands.add_parser("scaling", help="train a few stdlib-gpt sizes briefly; plot bits per byte vs training FLOPs")
     scaling.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])

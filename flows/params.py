@@ -15,6 +15,7 @@ from core.errors import ConfigError, RecipeError
 from core.ledger import Prices
 from flows.bench import BenchmarkOptions
 from export.onnx_export import ExportConfig
+from export.trt_engine import EngineConfig
 from export.variants import PrecisionConfig
 from serving.repository import ServingConfig, check_model_name
 from training.loop import TrainingConfig
@@ -51,6 +52,7 @@ class PipelineParams(BaseModel):
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
     precision: PrecisionConfig = PrecisionConfig()
+    tensorrt: EngineConfig = EngineConfig()
     serving: ServingParams = ServingParams()
     benchmark: BenchmarkOptions = BenchmarkOptions()
     prices: Prices = Prices()

@@ -20,6 +20,7 @@ from core.errors import ServerError
 from core.files import atomic_write_json, atomic_write_text
 from core.results import Artifact, RunDir, StageResult, Status, new_run_id, timed
 from export.onnx_export import export_onnx
+from export import trt_engine
 from export.runtimes import open_session
 from export.variants import build_and_score
 from core.ledger import Ledger
@@ -65,6 +66,19 @@ def stage_precision(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_pa
                        artifacts=[Artifact(r["path"], r["sha256"], r["bytes"]) for r in reports if r["path"] and r["sha256"]],
                        outputs={"variants": reports, "selected": selected, "policy": params.precision.policy,
                                 "primary_metric": recipe.primary_metric})
+
+
+def stage_tensorrt(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_path: str, variants: list[dict]) -> StageResult:
+    """A TensorRT engine of the FP32 export (or of the static INT8 QDQ model for precision int8), where TensorRT and
+    a GPU exist; SKIPPED with the reason elsewhere. Engines are for the native flavour (`tes export-repository`)."""
+    source = onnx_path
+    if params.tensorrt.precision == "int8":
+        qdq = next((v for v in variants if v["name"] == "int8-static" and v["path"]), None)
+        if qdq is None:
+            return StageResult("tensorrt", Status.SKIPPED, reason="precision int8 needs the int8-static (QDQ) variant")
+        source = qdq["path"]
+    limit = params.serving_config(recipe).max_batch_size
+    return trt_engine.build(recipe, source, run.stage_dir("tensorrt"), params.tensorrt, max(1, limit))
 
 
 def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, variants: list[dict]) -> StageResult:
@@ -202,6 +216,7 @@ def _stages(recipe: Recipe, params: PipelineParams, run: RunDir, call: Call, cac
                  else call("precision", stage_precision, recipe, params, run, exported.outputs["onnx"]))
     yield precision
     variants = precision.outputs["variants"]
+    yield call("tensorrt", stage_tensorrt, recipe, params, run, exported.outputs["onnx"], variants)
     deployed = call("deploy", stage_deploy, recipe, params, run, variants)
     yield deployed
     yield call("served_check", stage_served_check, recipe, deployed.outputs, variants, _torch_top1(recipe, weights))

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from core.ledger import Prices
 from export.onnx_export import ExportConfig
+from export.trt_engine import EngineConfig
 from export.variants import PrecisionConfig
 from flows.bench import BenchmarkOptions, run_benchmark
 from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
@@ -52,6 +53,7 @@ def train_export_serve(
     training: TrainingConfig = TrainingConfig(),
     export: ExportConfig = ExportConfig(),
     precision: PrecisionConfig = PrecisionConfig(),
+    tensorrt: EngineConfig = EngineConfig(),
     serving: ServingParams = ServingParams(),
     benchmark: BenchmarkOptions = BenchmarkOptions(),
     prices: Prices = Prices(),
@@ -60,7 +62,7 @@ def train_export_serve(
 ) -> dict:
     params: PipelineParams = parse_params(dict(
         recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
-        training=training, export=export, precision=precision, serving=serving, benchmark=benchmark, prices=prices, runs_dir=runs_dir,
+        training=training, export=export, precision=precision, tensorrt=tensorrt, serving=serving, benchmark=benchmark, prices=prices, runs_dir=runs_dir,
         repository=repository,
     ))
     summary = run_pipeline(params, call=_as_task, publish=_publish)

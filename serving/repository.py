@@ -96,7 +96,7 @@ def clean_staging(folder: Path) -> list[Path]:
     return leftovers
 
 
-def _io_from_onnx(onnx_path: Path, batched: bool) -> tuple[list[mc.ModelInput], list[mc.ModelOutput]]:
+def io_from_onnx(onnx_path: Path, batched: bool) -> tuple[list[mc.ModelInput], list[mc.ModelOutput]]:
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
 
@@ -129,7 +129,7 @@ def _io_from_onnx(onnx_path: Path, batched: bool) -> tuple[list[mc.ModelInput], 
 
 def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.ModelConfig:
     """The `python`-flavour ModelConfig for an ONNX file, its tensors read from the ONNX graph."""
-    inputs, outputs = _io_from_onnx(onnx_path, batched=serving.max_batch_size > 0)
+    inputs, outputs = io_from_onnx(onnx_path, batched=serving.max_batch_size > 0)
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=serving.max_batch_size)
     config.input.extend(inputs)
     config.output.extend(outputs)

@@ -46,8 +46,8 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(onnx_path, options, providers=self._providers(args))
-        self.provider = self.session.get_providers()[0]
+        self.session = ort.InferenceSession(onnx_path, options, providers=self._providers(args, config))
+        self.provider = self.session.get_providers()[0]  # the provider ONNX Runtime actually got, logged below
         self._infer = lambda feeds: self.session.run(self.output_names, feeds)
         pb_utils.Logger.log_info(f"{self.model_name}: ONNX Runtime {ort.__version__} on {self.provider}")
 
@@ -70,12 +70,22 @@ class TritonPythonModel:
         return run
 
     @staticmethod
-    def _providers(args: dict) -> list[str]:
+    def _providers(args: dict, config: dict) -> list:
+        """GPU instances try TensorRT (engines cached across loads), then CUDA; everything ends with the CPU."""
         available = ort.get_available_providers()
+        chosen: list = []
         if args.get("model_instance_kind") == "GPU":
-            preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-            return [name for name in preferred if name in available] + ["CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
+            device = int(args.get("model_instance_device_id", 0))
+            if "TensorrtExecutionProvider" in available:
+                cache = _parameter(config, "trt_cache_dir", "") or os.path.join("/tmp", "tes-trt-cache", config["name"])
+                os.makedirs(cache, exist_ok=True)
+                chosen.append(("TensorrtExecutionProvider", {
+                    "device_id": device, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                    "trt_timing_cache_enable": True, "trt_fp16_enable": _parameter(config, "trt_fp16", "false") == "true",
+                }))
+            if "CUDAExecutionProvider" in available:
+                chosen.append(("CUDAExecutionProvider", {"device_id": device}))
+        return chosen + ["CPUExecutionProvider"]
 
     # --- validation --------------------------------------------------------------------------------
     def _check(self, request) -> tuple[dict[str, np.ndarray] | None, str | None]:

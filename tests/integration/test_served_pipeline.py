@@ -156,7 +156,8 @@ def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
     _, summary = runs["stdlib-gpt"]
     ledger = json.loads(Path(summary["ledger"]["json"]).read_text())
     entries = {entry["stage"]: entry for entry in ledger["entries"]}
-    assert list(entries) == ["train", "export", "precision", "deploy", "served_check", "benchmark"]
+    assert list(entries) == ["train", "export", "precision", "tensorrt", "deploy", "served_check", "benchmark"]
+    assert entries["tensorrt"]["notes"][0].startswith("skipped: ")  # no TensorRT, no GPU here
     assert entries["benchmark"]["notes"] == ["skipped: benchmark.enabled is false"]
     train = entries["train"]
     assert train["flops"] > 0 and "FlopCounterMode" in train["flops_method"] and any("6·N·D" in n for n in train["notes"])
