@@ -190,7 +190,8 @@ def test_a_client_deadline_gives_a_timeout_error(locked, protocol):
     with pytest.raises(InferenceError) as caught:
         client.infer(_url(locked, protocol), MODEL, batch, protocol, timeout_s=1e-4)
     assert re.search("deadline exceeded|timed out", str(caught.value), re.IGNORECASE), str(caught.value)
-    assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol)["logits"].shape == (1, 256)
+    # the server is unharmed: a request with a sane deadline succeeds (the cancelled one may still be finishing)
+    assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol, timeout_s=10)["logits"].shape == (1, 256)
 
 
 def test_a_full_queue_rejects_requests_fast(locked, tmp_path):
