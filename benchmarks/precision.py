@@ -30,16 +30,18 @@ from training.loop import TrainingConfig, load_trained, train  # noqa: E402
 from training.recipes import build_recipe  # noqa: E402
 
 
-def timed_round_robin(runners: dict, repeats: int, block: int = 6) -> dict[str, float]:
+def timed_round_robin(runners: dict, repeats: int, block: int = 6, rest_s: float = 0.25) -> dict[str, float]:
     """Median seconds per call of each runner. Runners take turns in blocks of `block` calls, so slow drifts of
-    the machine hit all alike; the first call of each block is not counted, because the runtime that ran just
-    before may still hold the cores (thread pools spin-wait for a while after their work)."""
+    the machine hit all alike. Before each block the process rests `rest_s` and the first call is not counted:
+    the runtime that ran just before (torch's OpenMP pool, ONNX Runtime's, OpenVINO's) spin-waits for a while
+    after its work and would otherwise take the cores from the next one."""
     for run in runners.values():
         run()
         run()
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(max(1, repeats // (block - 1))):
         for name, run in runners.items():
+            time.sleep(rest_s)
             for call in range(block):
                 start = time.perf_counter()
                 run()

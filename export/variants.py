@@ -99,7 +99,7 @@ def score(recipe: Recipe, report: VariantReport, session, batches: list, referen
     report.top1_agreement = float(agree.mean())
 
 
-def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4) -> dict[str, tuple[float, float]]:
+def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4, rest_s: float = 0.05) -> dict[str, tuple[float, float]]:
     """Per variant: (p50 ms at batch 1, samples/s at the batch). Variants take turns in blocks of `block` calls
     so slow drifts of the machine hit all alike; the first call of a block is not counted, because the session
     that ran just before may still hold the cores (ONNX Runtime's threads spin-wait after their work)."""
@@ -108,6 +108,7 @@ def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block
     for _ in range(max(1, repeats // (block - 1))):
         for name, session in sessions.items():
             for inputs, bucket in ((single, timings[name][0]), (batch, timings[name][1])):
+                time.sleep(rest_s)  # let the previous session's spinning threads go idle
                 for call in range(block):
                     start = time.perf_counter()
                     session.run(None, inputs)
