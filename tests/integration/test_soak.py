@@ -1,10 +1,8 @@
 """A short soak under steady load (every answer checked), and a server killed under load."""
 
-import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 

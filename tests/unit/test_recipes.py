@@ -1,4 +1,3 @@
-import hashlib
 import sys
 import textwrap
 from pathlib import Path
