@@ -80,6 +80,8 @@ class VariantReport:
     excluded_nodes: list[str] = field(default_factory=list)
     drift: list[dict] = field(default_factory=list)
     serves_alias: bool = False
+    build_seconds: float = 0.0  # wall time to build, calibrate, retry and score this variant
+    build_cpu_seconds: float = 0.0  # CPU time of this process over the same span (for the energy ledger)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,7 +169,9 @@ def build_and_score(recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, 
     reference = _first_outputs(fp32_session, [b.inputs for b in batches])
     reports, sessions = [], {}
     for name in config.variants:
+        wall, cpu = time.perf_counter(), time.process_time()
         report, session = _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports)
+        report.build_seconds, report.build_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
         reports.append(report)
         if session is not None:
             sessions[name] = session

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from core.energy import Energy
 from core.ledger import Entry, Ledger, payback_inferences, plot_costs, render_markdown
 from core.peaks import cpu_peak_flops, gpu_peak_flops, measured_matmul_flops
 from core.results import StageResult
@@ -21,8 +22,15 @@ from training.recipes import Recipe
 def measured(ledger: Ledger, call: Callable, device: str) -> Callable:
     """`call` with every stage inside a ledger entry."""
     def measured_call(stage: str, function: Callable, *args: Any) -> StageResult:
+        on_gpu = stage == "train" and device.startswith("cuda")
+        if on_gpu:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         with ledger.measure(stage, device=device if stage == "train" else "cpu") as entry:
             result = call(stage, function, *args)
+        if on_gpu:
+            entry.peak_device_mb = torch.cuda.max_memory_allocated() / 1e6
         if result.reason.startswith("cached"):
             entry.notes.append(f"{result.reason}: no compute spent")
         elif result.status.value == "skipped":
@@ -53,9 +61,28 @@ def enrich(ledger: Ledger, recipe: Recipe, params: PipelineParams, results: dict
         device, bf16 = train.outputs["device"], train.outputs["autocast_bf16"]
         entry.peak_flops_per_s, entry.peak_method = (gpu_peak_flops(_gpu_name(), "bf16" if bf16 else "fp32") if device.startswith("cuda")
                                                      else cpu_peak_flops("fp32"))
+    _per_variant(ledger, results.get("precision"), per_sample)
     extra["serving"] = _serving(ledger, results.get("benchmark"), per_sample)
     extra["payback"] = _payback(ledger, results.get("precision"))
     return extra
+
+
+def _per_variant(ledger: Ledger, precision: StageResult | None, flops_per_sample: int) -> None:
+    """One entry per precision variant: its share of the precision stage, split by the CPU time each one took
+    (the stage's energy counters are read once, around the whole stage)."""
+    entry = _entry(ledger, "precision")
+    if not precision or not entry or precision.reason.startswith("cached"):
+        return
+    variants = precision.outputs["variants"]
+    total_cpu = sum(v.get("build_cpu_seconds", 0.0) for v in variants) or 1.0
+    for variant in variants:
+        share = variant.get("build_cpu_seconds", 0.0) / total_cpu
+        energy = {name: Energy(e.kind, e.joules * share if e.joules is not None else None,
+                               f"{share:.0%} of the precision stage's energy ({e.method})") for name, e in entry.energy.items()}
+        ledger.add(Entry(stage=f"precision:{variant['name']}", device=entry.device, wall_s=variant.get("build_seconds", 0.0),
+                         peak_host_mb=entry.peak_host_mb, busy_cores=variant.get("build_cpu_seconds", 0.0) / max(variant.get("build_seconds", 0.0), 1e-9),
+                         energy=energy, notes=[f"{variant['status']}; inference {flops_per_sample:.3g} FLOPs per sample (the same graph; "
+                                                    "precision changes the arithmetic's width, not its count); peak memory is the stage's"]))
 
 
 def _gpu_name() -> str:
@@ -65,18 +92,28 @@ def _gpu_name() -> str:
 
 
 def _serving(ledger: Ledger, bench: StageResult | None, flops_per_inference: int) -> list[dict]:
-    """Joules per inference at each load point: the benchmark stage's average power over its throughput."""
+    """Joules per inference at each load point. Measured counters: the benchmark stage's average power over the
+    throughput. Otherwise the declared watts per busy core times the cores the client and (when it is local) the
+    server kept busy at that point, over the throughput; labelled estimated."""
     entry = _entry(ledger, "benchmark")
-    if not bench or bench.status.value != "ok" or not entry or not entry.joules:
+    if not bench or bench.status.value != "ok" or not entry:
         return []
-    watts, kind = entry.joules / entry.wall_s, entry.energy_kind
+    measured = entry.energy_kind == "measured" and entry.joules
     rows = []
     for point in bench.outputs["points"]:
-        if point["throughput"] > 0:
-            joules = watts / point["throughput"]
-            rows.append({"protocol": point["protocol"], "mode": point["mode"], "load": point["load"], "energy_kind": kind,
-                         "joules_per_inference": joules, "inferences_per_joule": 1 / joules,
-                         "p50_ms_per_gflop": point["latency_ms"].get("p50", 0) / (flops_per_inference / 1e9)})
+        if point["throughput"] <= 0:
+            continue
+        if measured:
+            watts, method = entry.joules / entry.wall_s, "measured: the benchmark stage's average power"
+        else:
+            cores = point["client_cpu_cores"] + (point.get("server_cpu_cores") or 0.0)
+            watts = ledger.prices.cpu_watts_per_busy_core * cores
+            method = (f"estimated: {ledger.prices.cpu_watts_per_busy_core} W per busy core x {cores:.2f} cores "
+                      f"({'client + server' if point.get('server_cpu_cores') is not None else 'client only: server not local'})")
+        joules = watts / point["throughput"]
+        rows.append({"protocol": point["protocol"], "mode": point["mode"], "load": point["load"], "energy_kind": "measured" if measured else "estimated",
+                     "method": method, "joules_per_inference": joules, "inferences_per_joule": 1 / joules if joules else None,
+                     "p50_ms_per_gflop": point["latency_ms"].get("p50", 0) / (flops_per_inference / 1e9)})
     return rows
 
 
@@ -114,7 +151,7 @@ def render_ledger(data: dict[str, Any]) -> str:
                  f"{data['matmul_fp32_flops_per_s_measured'] / 1e9:.1f} GFLOP/s.")
     for row in data.get("serving", []):
         lines.append(f"- serving {row['protocol']} {row['mode']} {row['load']:.0f}: {row['joules_per_inference']:.4f} J/inference "
-                     f"({row['inferences_per_joule']:.1f} inferences/J, {row['energy_kind']}), p50 {row['p50_ms_per_gflop']:.3f} ms per GFLOP")
+                     f"({row['inferences_per_joule']:.1f} inferences/J; {row['method']}), p50 {row['p50_ms_per_gflop']:.3f} ms per GFLOP")
     for row in data.get("payback", []):
         pays = f"{row['payback_inferences']:.3g} inferences" if row["payback_inferences"] else "never (it is not cheaper per inference)"
         lines.append(f"- pay-back of {row['variant']}: {pays} ({row['energy_kind']}; build share {row['build_joules']:.1f} J)")

@@ -131,7 +131,7 @@ def run_benchmark(model: str, options: BenchmarkOptions, *, http_url: str | None
         if not urls.get(protocol):
             progress(f"skipping {protocol}: no URL for it")
             continue
-        points += loadgen.sweep(urls[protocol], protocol, model, inputs, settings=settings,
+        points += loadgen.sweep(urls[protocol], protocol, model, inputs, settings=settings, server_pid=_local_server_pid(http_url),
                                 concurrencies=options.concurrencies or preset["concurrencies"], rates=options.rates or preset["rates"],
                                 progress=lambda p: progress(_one_line(p)))
     extra: dict = {"model": model, "options": options.model_dump(mode="json")}
@@ -149,6 +149,12 @@ def run_benchmark(model: str, options: BenchmarkOptions, *, http_url: str | None
     extra["notes"] = "\n\n".join(notes)
     outputs = bench_output.write_all(out_dir, points, base, system.describe(http_url), extra)
     return {"outputs": outputs, "points": [p.to_dict() for p in points], "baselines": base, **extra}
+
+
+def _local_server_pid(http_url: str) -> int | None:
+    """The pid of the stack's Triton when that is the server being measured (its CPU use goes in the ledger)."""
+    state = stack.read()
+    return state["triton"]["pid"] if state and http_url == stack.triton_url("http") else None
 
 
 def _apply_best(repo: Path, version_dir: Path, best: dict, url: str, admin_key: str | None) -> dict:

@@ -46,7 +46,8 @@ class Window:
     errors: int
     server: dict[str, float]  # part -> total ns over the window, plus "count"
     client_cpu_s: float
-    delayed: int = 0  # open loop: requests sent more than 2 ms after they were due
+    delayed: int = 0
+    server_cpu_s: float | None = None  # the server's processes, when the load generator knows their pid  # open loop: requests sent more than 2 ms after they were due
 
     @property
     def throughput(self) -> float:
@@ -71,6 +72,7 @@ class LoadPoint:
     latency_ci_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% distribution-free CIs
     server_us: dict[str, float] = field(default_factory=dict)  # per request: queue, compute_input, compute_infer, compute_output
     client_cpu_cores: float = 0.0
+    server_cpu_cores: float | None = None
     delayed_fraction: float = 0.0
     windows: int = 0
     stable: bool = False
@@ -218,15 +220,27 @@ def _open_loop(url, protocol, model, inputs, rate, settings, recorder, stop, see
     return [thread]
 
 
+def _tree_cpu_s(process: psutil.Process | None) -> float | None:
+    if process is None:
+        return None
+    try:
+        return sum(sum(p.cpu_times()[:4]) for p in [process, *process.children(recursive=True)])
+    except psutil.Error:
+        return None
+
+
 def measure(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.ndarray]], *,
-            concurrency: int | None = None, rate: float | None = None, settings: LoadSettings = LoadSettings()) -> LoadPoint:
-    """One load point: closed loop at `concurrency`, or open loop at `rate` requests/s."""
+            concurrency: int | None = None, rate: float | None = None, settings: LoadSettings = LoadSettings(),
+            server_pid: int | None = None) -> LoadPoint:
+    """One load point: closed loop at `concurrency`, or open loop at `rate` requests/s. With `server_pid` (a local
+    server), the server's own CPU use is measured too."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency or rate")
     if not inputs or all(not np.any(array) for case in inputs for array in case.values()):
         raise ValueError("inputs must be real samples (for example the recipe's validation split), not empty or all zeros")
     stats = _StatsReader(url, protocol, model, settings.timeout_s)
     recorder, stop, me = _Recorder(), threading.Event(), psutil.Process()
+    server = psutil.Process(server_pid) if server_pid else None
     start_load = _closed_loop if concurrency else _open_loop
     threads = start_load(url, protocol, model, inputs, concurrency or rate, settings, recorder, stop)
     windows: list[Window] = []
@@ -235,11 +249,13 @@ def measure(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.
         recorder.drain()
         stats.delta()
         while len(windows) < settings.max_windows and not is_stable(windows, settings.stability):
-            cpu_before, started = sum(me.cpu_times()[:2]), time.perf_counter()
+            cpu_before, server_before, started = sum(me.cpu_times()[:2]), _tree_cpu_s(server), time.perf_counter()
             time.sleep(settings.window_s)
             latencies, errors, delayed = recorder.drain()
             seconds = time.perf_counter() - started
-            windows.append(Window(seconds, latencies, errors, stats.delta(), sum(me.cpu_times()[:2]) - cpu_before, delayed))
+            server_after = _tree_cpu_s(server)
+            server_cpu = server_after - server_before if server_before is not None and server_after is not None else None
+            windows.append(Window(seconds, latencies, errors, stats.delta(), sum(me.cpu_times()[:2]) - cpu_before, delayed, server_cpu))
             if errors and not latencies:
                 raise InferenceError(f"every request to '{model}' over {protocol} failed in a {seconds:.1f} s window: {recorder.first_error}")
     finally:
@@ -264,6 +280,8 @@ def _merge(model, protocol, mode, load, windows: list[Window], settings: LoadSet
     if count:
         point.server_us = {part: sum(w.server[part] for w in used) / count / 1e3 for part in STAT_PARTS}
     point.client_cpu_cores = sum(w.client_cpu_s for w in used) / seconds if seconds else 0.0
+    if used and seconds and all(w.server_cpu_s is not None for w in used):
+        point.server_cpu_cores = sum(w.server_cpu_s for w in used) / seconds
     attempted = len(latencies) + point.errors
     point.delayed_fraction = sum(w.delayed for w in used) / attempted if attempted else 0.0
     if not stable:
@@ -278,12 +296,12 @@ def _merge(model, protocol, mode, load, windows: list[Window], settings: LoadSet
 
 
 def sweep(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.ndarray]], *, concurrencies=(), rates=(),
-          settings: LoadSettings = LoadSettings(), progress=None) -> list[LoadPoint]:
+          settings: LoadSettings = LoadSettings(), progress=None, server_pid: int | None = None) -> list[LoadPoint]:
     """Every concurrency, then every rate; `progress(point)` is called after each."""
     points = []
     for kind, values in (("concurrency", concurrencies), ("rate", rates)):
         for value in values:
-            point = measure(url, protocol, model, inputs, settings=settings, **{kind: value})
+            point = measure(url, protocol, model, inputs, settings=settings, server_pid=server_pid, **{kind: value})
             points.append(point)
             if progress:
                 progress(point)

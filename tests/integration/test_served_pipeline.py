@@ -156,7 +156,7 @@ def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
     _, summary = runs["stdlib-gpt"]
     ledger = json.loads(Path(summary["ledger"]["json"]).read_text())
     entries = {entry["stage"]: entry for entry in ledger["entries"]}
-    assert list(entries) == ["train", "export", "precision", "tensorrt", "deploy", "served_check", "benchmark"]
+    assert list(entries) == ["train", "export", "precision", "tensorrt", "deploy", "served_check", "benchmark", "precision:fp32"]
     assert entries["tensorrt"]["notes"][0].startswith("skipped: ")  # no TensorRT, no GPU here
     assert entries["benchmark"]["notes"] == ["skipped: benchmark.enabled is false"]
     train = entries["train"]
@@ -167,3 +167,16 @@ def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
         assert entry["energy"]["cpu"]["kind"] in ("measured", "estimated")  # estimated here: no RAPL on these machines
         assert entry["inputs"]["usd_per_kwh"] == ledger["prices"]["usd_per_kwh"]
     assert ledger["inference_flops_per_sample"] > 0 and Path(summary["ledger"]["plot"]).stat().st_size > 1000
+
+
+def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
+    _, summary = runs["digits-cnn"]
+    ledger = json.loads(Path(summary["ledger"]["json"]).read_text())
+    entries = {entry["stage"]: entry for entry in ledger["entries"]}
+    variants = [name for name in entries if name.startswith("precision:")]
+    assert len(variants) == 6 and all(entries[v]["wall_s"] > 0 for v in variants)
+    split = sum(entries[v]["joules"] for v in variants)
+    assert split == pytest.approx(entries["precision"]["joules"], rel=1e-6)  # the stage's energy, shared out
+    assert {(row["protocol"], row["load"]) for row in ledger["serving"]} == {("grpc", 2.0), ("http", 2.0)}
+    assert all(row["energy_kind"] == "estimated" and row["joules_per_inference"] > 0 for row in ledger["serving"])
+    assert {row["variant"] for row in ledger["payback"]} == {"int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8"}
