@@ -118,21 +118,26 @@ def _serving(ledger: Ledger, bench: StageResult | None, flops_per_inference: int
 
 
 def _payback(ledger: Ledger, precision: StageResult | None) -> list[dict]:
-    """Inferences needed for each variant's per-inference saving to repay its share of the precision stage's energy.
-    The stage's energy is split evenly over the variants it built (a stated simplification); per-inference energy
-    is the stage's average power over the variant's in-process throughput."""
+    """Inferences needed for each variant's per-inference saving to repay the energy its build took (its own
+    ledger entry). Per-inference energy: the precision stage's average power over the variant's in-process
+    throughput at the speed-gate batch."""
     entry = _entry(ledger, "precision")
     if not precision or not entry or not entry.joules:
         return []
     variants = [v for v in precision.outputs["variants"] if v["throughput_per_s"] > 0]
     fp32 = next((v for v in variants if v["name"] == "fp32"), None)
-    if not fp32 or len(variants) < 2:
+    if not fp32:
         return []
-    watts, share = entry.joules / entry.wall_s, entry.joules / (len(variants) - 1)
-    return [{"variant": v["name"], "build_joules": share, "energy_kind": entry.energy_kind,
-             "joules_per_inference": watts / v["throughput_per_s"], "fp32_joules_per_inference": watts / fp32["throughput_per_s"],
-             "payback_inferences": payback_inferences(share, watts / fp32["throughput_per_s"], watts / v["throughput_per_s"])}
-            for v in variants if v["name"] != "fp32"]
+    watts = entry.joules / entry.wall_s
+    rows = []
+    for variant in (v for v in variants if v["name"] != "fp32"):
+        own = _entry(ledger, f"precision:{variant['name']}")
+        build = own.joules if own and own.joules is not None else 0.0
+        per_inference, baseline = watts / variant["throughput_per_s"], watts / fp32["throughput_per_s"]
+        rows.append({"variant": variant["name"], "build_joules": build, "energy_kind": entry.energy_kind,
+                     "joules_per_inference": per_inference, "fp32_joules_per_inference": baseline,
+                     "payback_inferences": payback_inferences(build, baseline, per_inference)})
+    return rows
 
 
 def write(ledger: Ledger, extra: dict[str, Any], folder: Path) -> tuple[dict[str, str], str]:
@@ -154,5 +159,5 @@ def render_ledger(data: dict[str, Any]) -> str:
                      f"({row['inferences_per_joule']:.1f} inferences/J; {row['method']}), p50 {row['p50_ms_per_gflop']:.3f} ms per GFLOP")
     for row in data.get("payback", []):
         pays = f"{row['payback_inferences']:.3g} inferences" if row["payback_inferences"] else "never (it is not cheaper per inference)"
-        lines.append(f"- pay-back of {row['variant']}: {pays} ({row['energy_kind']}; build share {row['build_joules']:.1f} J)")
+        lines.append(f"- pay-back of {row['variant']}: {pays} ({row['energy_kind']}; its build took {row['build_joules']:.1f} J)")
     return "\n".join(lines) + "\n"
