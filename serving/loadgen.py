@@ -108,15 +108,16 @@ class _StatsReader:
 
     def __init__(self, url: str, protocol: Protocol, model: str, timeout_s: float):
         self._client = connect(url, protocol, timeout_s)
-        self._model, self._protocol = model, protocol
+        self._url, self._model, self._protocol, self._timeout_s = url, model, protocol, timeout_s
         self._last = self._read()
 
     def _read(self) -> dict[str, float]:
         try:
-            stats = self._client.get_inference_statistics(self._model, as_json=True) if self._protocol == "grpc" \
-                else self._client.get_inference_statistics(self._model)
+            # a deadline on gRPC too: a frozen server must end the benchmark with an error, never hang it
+            stats = self._client.get_inference_statistics(self._model, as_json=True, client_timeout=self._timeout_s) \
+                if self._protocol == "grpc" else self._client.get_inference_statistics(self._model)
         except Exception as error:  # refused connections come as several types
-            raise ServerError(f"cannot read Triton statistics of '{self._model}': {error}") from error
+            raise ServerError(f"cannot read Triton statistics of '{self._model}' at {self._url}: {error}") from error
         totals = {part: 0.0 for part in STAT_PARTS}
         totals["count"] = 0.0
         for entry in stats.get("model_stats", []):
