@@ -1,10 +1,16 @@
-"""ONNX -> TensorRT engine, built in a child process, with a manifest and a `reproduce.sh` (trtexec) beside it.
+"""The `tensorrt` stage: ONNX -> TensorRT engine, built in a child process, then verified and gated like a variant.
 
-    python -m export.trt_engine SPEC.json        # what the stage runs in the child; SPEC names every input
+    tes run --param tensorrt.precision=fp16      # the stage inside the pipeline (needs TensorRT 10 and a CUDA GPU)
+    bash runs/<run>/tensorrt/fp16/reproduce.sh   # the same build with trtexec, written beside every engine
 
-Where TensorRT or a GPU is missing the stage returns SKIPPED with the reason. What was and was not executed in
-this project is stated in docs/tensorrt.md: TensorRT cannot be installed from the package index our machines
-reach, so no engine has been built here; the code is written against TensorRT 10's Python API.
+- profiles: the recipe's (min, opt, max) per dynamic axis, and batch 1 / `opt_batch_size` / `max_batch_size`;
+- precision: `fp32` (TF32 off), `fp16`, `bf16` from the FP32 ONNX model, `int8-static` from the explicitly
+  quantized (QDQ) variant; `int8-dynamic` cannot be built (TensorRT's ONNX parser lacks its operators);
+- the build (`export/tensorrt_build.py`) runs in a child process: a crash in native code fails this stage only;
+- beside the engine: `engine.json` (the manifest that deployment checks), `reproduce.sh`, `build.log`, and after
+  verification `verification.json` (outputs against FP32 ONNX Runtime, the recipe's metric, the variant gates).
+
+Without TensorRT or a GPU the stage is SKIPPED with the reason. docs/tensorrt.md says what was executed here.
 """
 
 from __future__ import annotations
@@ -13,64 +19,130 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import ExportError
-from core.files import atomic_write_json, atomic_write_text, sha256_file
-from core.results import Artifact, StageResult, Status
+from core import paths
+from core.files import atomic_write_json, atomic_write_text
+from core.results import Artifact, StageResult, Status, timed
+from export.runtimes import open_session
+from export.tensorrt_build import CLEARED_FLAGS, ENGINE_FILE, MANIFEST_FILE, PRECISION_FLAGS
+from export.variants import PrecisionConfig, VariantReport, accuracy_gate, speed_gate
 from training.recipes import Recipe
 
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
-# builder flags per precision; INT8 comes from an explicitly quantized (QDQ) ONNX model, with FP16 for the rest
-PRECISION_FLAGS: dict[str, tuple[str, ...]] = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}
+Precision = Literal["fp32", "fp16", "bf16", "int8-static"]
 TRTEXEC_FLAGS = {"FP16": "--fp16", "BF16": "--bf16", "INT8": "--int8"}
+NOT_BUILDABLE = {
+    "int8-dynamic": "TensorRT's ONNX parser does not support DynamicQuantizeLinear / MatMulInteger, the operators of "
+                    "ONNX Runtime's dynamic quantization; build `int8-static` (the QDQ model) instead",
+}
+TAIL_CHARS = 3000  # of a failed child's log, in the stage's reason
 
 
-class EngineMismatch(ExportError):
-    """An engine built for another GPU architecture or TensorRT version than the target."""
+class EngineTolerance(BaseModel):
+    """|engine - FP32| <= range_atol * max|FP32 output| + rtol * |FP32 value|, for every element of an output."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    range_atol: float = Field(ge=0, description="absolute tolerance as a fraction of the output's largest magnitude")
+    rtol: float = Field(ge=0)
+
+
+# starting points, not yet measured on a GPU (docs/tensorrt.md); the recipe's metric gate judges accuracy as well
+DEFAULT_TOLERANCES: dict[str, EngineTolerance] = {
+    "fp32": EngineTolerance(range_atol=1e-3, rtol=1e-3), "fp16": EngineTolerance(range_atol=1e-2, rtol=1e-2),
+    "bf16": EngineTolerance(range_atol=4e-2, rtol=4e-2), "int8-static": EngineTolerance(range_atol=1e-1, rtol=1e-1),
+}
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    precision: Precision = "fp16"
-    workspace_mb: int = Field(4096, ge=64, description="builder workspace memory pool limit")
+    precision: Precision = Field("fp16", description="fp32 | fp16 | bf16 from the FP32 model; int8-static from the QDQ variant")
+    opt_batch_size: int | None = Field(None, ge=1, description="batch TensorRT tunes for; None: max_batch_size")
+    workspace_mb: int = Field(4096, ge=64, description="builder workspace memory pool limit, MiB")
     optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
-    timing_cache: str = Field(".tes/trt-timing.cache", description="saved after each build and reused by the next")
-    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
-    version_compatible: bool = False
+    timing_cache: str = Field(".tes/trt-timing.cache", description="loaded before and saved after every build")
+    hardware_compatibility: Literal["none", "ampere_plus"] = Field("none", description="ampere_plus: runs on any GPU >= 8.0")
+    version_compatible: bool = Field(False, description="runs on later TensorRT versions of the same major version")
+    strongly_typed: bool = Field(False, description="types come from the ONNX graph; no precision flags")
     build_timeout_s: int = Field(3600, ge=10)
+    verify_samples: int = Field(256, ge=1, description="held-out samples compared with FP32 ONNX Runtime")
+    verify_timeout_s: int = Field(900, ge=10)
+    tolerances: dict[str, EngineTolerance] = Field(default_factory=dict, description="per output name; else the precision's default")
 
 
-def profile_shapes(recipe: Recipe, max_batch_size: int) -> dict[str, dict[str, list[int]]]:
-    """min/opt/max shape of every input: batch 1 / max / max, dynamic axes from the recipe's (min, opt, max)."""
+# --- pure logic: profiles, sources, commands ------------------------------------------------------------------------
+def profile_shapes(recipe: Recipe, max_batch_size: int, opt_batch_size: int | None = None) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max of every input, batch axis first: batch 1 / opt / max; dynamic axes from the recipe's ranges."""
+    opt_batch = min(opt_batch_size or max_batch_size, max_batch_size)
     shapes = {}
     for spec in recipe.inputs:
-        low, opt, high = [1], [max_batch_size], [max_batch_size]
+        low, opt, high = [1], [opt_batch], [max_batch_size]
         for axis, size in enumerate(spec.shape):
-            if size == -1:
-                a, b, c = spec.ranges[axis]
-                low.append(a), opt.append(b), high.append(c)
-            else:
-                low.append(size), opt.append(size), high.append(size)
+            a, b, c = spec.ranges[axis] if size == -1 else (size, size, size)
+            low.append(a), opt.append(b), high.append(c)
         shapes[spec.name] = {"min": low, "opt": opt, "max": high}
     return shapes
 
 
-def trtexec_command(onnx_path: Path, engine_path: Path, shapes: dict, config: EngineConfig) -> list[str]:
+def onnx_profile_problems(shapes: dict[str, dict[str, list[int]]], onnx_path: str | Path) -> list[str]:
+    """What TensorRT would refuse: an ONNX input without a profile (or the reverse), another rank, a fixed axis
+    whose profile moves, min > opt > max."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    graph_inputs = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+                    for v in graph.input if v.name not in initializers}
+    problems = [f"ONNX input '{name}' has no profile; the recipe's inputs are {sorted(shapes)}" for name in graph_inputs if name not in shapes]
+    problems += [f"profile '{name}' names no input of {Path(onnx_path).name} (inputs: {sorted(graph_inputs)})" for name in shapes if name not in graph_inputs]
+    for name, dims in graph_inputs.items():
+        if name not in shapes:
+            continue
+        low, opt, high = shapes[name]["min"], shapes[name]["opt"], shapes[name]["max"]
+        if len(low) != len(dims):
+            problems.append(f"input '{name}': profile rank {len(low)}, ONNX rank {len(dims)} ({dims})")
+            continue
+        for axis, size in enumerate(dims):
+            if not low[axis] <= opt[axis] <= high[axis]:
+                problems.append(f"input '{name}' axis {axis}: min/opt/max {low[axis]}/{opt[axis]}/{high[axis]} is not ordered")
+            if size != -1 and not low[axis] == opt[axis] == high[axis] == size:
+                problems.append(f"input '{name}' axis {axis} is fixed at {size} in the ONNX graph, profile asks "
+                                f"{low[axis]}/{opt[axis]}/{high[axis]}")
+    return problems
+
+
+def engine_source(precision: str, fp32_onnx: str | Path, variants: list[dict], strongly_typed: bool = False) -> tuple[str | None, str]:
+    """(the ONNX file to build `precision` from, "") or (None, why it cannot be built)."""
+    if precision in NOT_BUILDABLE:
+        return None, NOT_BUILDABLE[precision]
+    wanted = "int8-static" if precision == "int8-static" else ("fp16" if precision == "fp16" and strongly_typed else "fp32")
+    if wanted == "fp32":
+        return str(fp32_onnx), ""
+    variant = next((v for v in variants if v["name"] == wanted and v.get("path")), None)
+    if variant is None:
+        return None, f"precision {precision} is built from the {wanted} variant, which this run did not build (precision.variants)"
+    return variant["path"], ""
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, shapes: dict, config: EngineConfig, timing_cache: Path) -> list[str]:
+    """The trtexec command line that builds the same engine as the child process."""
     def shape_flag(kind: str) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, dims[kind]))}" for name, dims in shapes.items())
 
     command = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--minShapes={shape_flag('min')}",
                f"--optShapes={shape_flag('opt')}", f"--maxShapes={shape_flag('max')}",
                f"--memPoolSize=workspace:{config.workspace_mb}M", f"--builderOptimizationLevel={config.optimization_level}",
-               f"--timingCacheFile={config.timing_cache}"]
-    command += [TRTEXEC_FLAGS[flag] for flag in PRECISION_FLAGS[config.precision]]
+               f"--timingCacheFile={timing_cache}", "--skipInference"]
+    if config.strongly_typed:
+        command.append("--stronglyTyped")
+    else:
+        command += [TRTEXEC_FLAGS[flag] for flag in PRECISION_FLAGS[config.precision]]
+        command += ["--noTF32"] if "TF32" in CLEARED_FLAGS[config.precision] else []
     if config.hardware_compatibility == "ampere_plus":
         command.append("--hardwareCompatibilityLevel=ampere+")
     if config.version_compatible:
@@ -78,8 +150,15 @@ def trtexec_command(onnx_path: Path, engine_path: Path, shapes: dict, config: En
     return command
 
 
+def write_reproduce(folder: Path, command: list[str]) -> Path:
+    script = atomic_write_text(folder / "reproduce.sh", "#!/usr/bin/env bash\n# the trtexec equivalent of this engine's build "
+                               "(TensorRT 10; run it on the GPU the engine is for)\nset -euo pipefail\n" + shlex.join(command) + "\n")
+    script.chmod(0o755)
+    return script
+
+
 def unavailable_reason() -> str | None:
-    """Why an engine cannot be built here, or None."""
+    """Why an engine cannot be built or run here, or None."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -91,91 +170,174 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# --- the child process ----------------------------------------------------------------------------------------------
+def run_child(args: list[str], timeout_s: int, log_path: Path, env: dict | None = None) -> tuple[int | None, str]:
+    """`python -m export.tensorrt_build ARGS` with its output in `log_path`; (exit code or None on timeout, log tail).
+    A negative exit code is the signal that killed it (a crash in native code)."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            child = subprocess.run([sys.executable, "-m", "export.tensorrt_build", *args], stdout=log, stderr=subprocess.STDOUT,
+                                   timeout=timeout_s, env=env)
+            code: int | None = child.returncode
+        except subprocess.TimeoutExpired:  # subprocess.run has killed it
+            code = None
+    return code, log_path.read_text(encoding="utf-8", errors="replace")[-TAIL_CHARS:]
+
+
+def child_failure(what: str, code: int | None, tail: str, timeout_s: int) -> str:
+    if code is None:
+        return f"{what} ran past {timeout_s} s and was stopped; raise the timeout or lower optimization_level. Log tail:\n{tail}"
+    cause = f"was killed by signal {-code} (a crash in native code)" if code < 0 else f"exited with {code}"
+    return f"{what} {cause}; the flow goes on without it. Log tail:\n{tail}"
+
+
+# --- build ----------------------------------------------------------------------------------------------------------
 def build(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: EngineConfig, max_batch_size: int) -> StageResult:
-    """Build one engine in a child process; SKIPPED where TensorRT or a GPU is missing, FAILED if the child fails."""
-    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    engine_path = out_dir / f"model-{config.precision}.plan"
-    shapes = profile_shapes(recipe, max_batch_size)
-    command = trtexec_command(onnx_path, engine_path, shapes, config)
-    atomic_write_text(out_dir / "reproduce.sh", "#!/usr/bin/env bash\n# the trtexec equivalent of this build\n" + shlex.join(command) + "\n")
+    """Build one engine into `out_dir/<precision>/` in a child process; SKIPPED without TensorRT or a GPU."""
+    onnx_path, folder = Path(onnx_path).resolve(), Path(out_dir).resolve() / config.precision
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = profile_shapes(recipe, max_batch_size, config.opt_batch_size)
+    cache = paths.resolve(config.timing_cache)
+    write_reproduce(folder, trtexec_command(onnx_path, folder / ENGINE_FILE, shapes, config, cache))
+    problems = onnx_profile_problems(shapes, onnx_path)
+    if problems:
+        return StageResult("tensorrt", Status.FAILED, reason="the optimization profile does not fit the ONNX graph:\n  - " + "\n  - ".join(problems))
     if not config.enabled:
         return StageResult("tensorrt", Status.SKIPPED, reason="tensorrt.enabled is false")
     reason = unavailable_reason()
     if reason:
-        return StageResult("tensorrt", Status.SKIPPED, reason=reason, outputs={"reproduce": str(out_dir / "reproduce.sh")})
-    spec = {"onnx": str(onnx_path), "engine": str(engine_path), "shapes": shapes, "config": config.model_dump()}
-    spec_path = atomic_write_json(out_dir / "build-spec.json", spec)
-    started = time.perf_counter()
-    child = subprocess.run([sys.executable, "-m", "export.trt_engine", str(spec_path)], capture_output=True, text=True,
-                           timeout=config.build_timeout_s)
-    seconds = time.perf_counter() - started
-    if child.returncode != 0:
-        return StageResult("tensorrt", Status.FAILED, seconds, reason=f"engine build exited with {child.returncode}: {child.stderr[-2000:]}")
-    return StageResult("tensorrt", Status.OK, seconds, artifacts=[Artifact.of(engine_path)],
-                       outputs={"engine": str(engine_path), "manifest": str(engine_path.with_suffix(".json"))})
+        return StageResult("tensorrt", Status.SKIPPED, reason=reason, outputs={"reproduce": str(folder / "reproduce.sh")})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    spec = {"onnx": str(onnx_path), "folder": str(folder), "shapes": shapes, "max_batch_size": max_batch_size,
+            "config": {**config.model_dump(mode="json"), "timing_cache": str(cache)}}
+    return build_in_child(atomic_write_json(folder / "build-spec.json", spec), config.build_timeout_s)
 
 
-def check_compatible(manifest: dict, compute_capability: str, tensorrt_version: str) -> None:
-    """Refuse an engine built for another compute capability or TensorRT version than the target."""
+def build_in_child(spec_path: Path, timeout_s: int, env: dict | None = None) -> StageResult:
+    """Run the build SPEC describes in a child process; FAILED (never an exception) when the child fails or crashes."""
+    folder = Path(json.loads(spec_path.read_text())["folder"])
+    with timed() as clock:
+        code, tail = run_child(["build", str(spec_path)], timeout_s, folder / "build.log", env)
+    if code != 0:
+        return StageResult("tensorrt", Status.FAILED, clock["seconds"], reason=child_failure("the engine build", code, tail, timeout_s))
+    return StageResult("tensorrt", Status.OK, clock["seconds"],
+                       artifacts=[Artifact.of(folder / ENGINE_FILE), Artifact.of(folder / MANIFEST_FILE)],
+                       outputs={"folder": str(folder), "engine": str(folder / ENGINE_FILE), "manifest": str(folder / MANIFEST_FILE),
+                                "reproduce": str(folder / "reproduce.sh")})
+
+
+# --- verification ---------------------------------------------------------------------------------------------------
+def outside_profile(inputs: dict[str, np.ndarray], profiles: dict) -> list[str]:
     problems = []
-    if manifest["compute_capability"] != compute_capability and manifest.get("hardware_compatibility") != "ampere_plus":
-        problems.append(f"compute capability {manifest['compute_capability']}, target has {compute_capability}")
-    built, target = manifest["tensorrt"], tensorrt_version
-    same_major = built.split(".")[0] == target.split(".")[0]
-    if built != target and not (manifest.get("version_compatible") and same_major):
-        problems.append(f"TensorRT {built}, target runs {target}")
+    for name, array in inputs.items():
+        low, high = profiles[name]["min"], profiles[name]["max"]
+        if array.ndim != len(low) or any(not a <= size <= b for size, a, b in zip(array.shape, low, high)):
+            problems.append(f"input '{name}' of shape {list(array.shape)} is outside the engine's profile {low}..{high}")
+    return problems
+
+
+def compare_outputs(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]], precision: str,
+                    overrides: dict[str, EngineTolerance] | None = None) -> list[str]:
+    """Every output of every batch against FP32 within its tolerance; one line per failing output."""
+    mismatches = []
+    for name in reference[0]:
+        tolerance = (overrides or {}).get(name, DEFAULT_TOLERANCES[precision])
+        shapes = [(list(r[name].shape), list(g[name].shape) if name in g else None) for r, g in zip(reference, got)]
+        wrong = [(want, have) for want, have in shapes if want != have]
+        if wrong:
+            mismatches.append(f"output '{name}': shape {wrong[0][1]}, expected {wrong[0][0]} (missing or reshaped by the engine)")
+            continue
+        ref = np.concatenate([r[name].astype(np.float64).ravel() for r in reference])
+        error = np.abs(np.concatenate([g[name].astype(np.float64).ravel() for g in got]) - ref)
+        allowed = tolerance.range_atol * np.abs(ref).max() + tolerance.rtol * np.abs(ref)
+        bad = ~(error <= allowed)  # NaN counts as out of tolerance
+        if bad.any():
+            worst = int(np.nanargmax(np.where(np.isnan(error), np.inf, error - allowed)))
+            mismatches.append(
+                f"output '{name}': {bad.mean():.2%} of {bad.size} values out of tolerance, worst |diff| {error[worst]:.3g} "
+                f"where {allowed[worst]:.3g} is allowed ({precision}: range_atol={tolerance.range_atol}, rtol={tolerance.rtol}); "
+                f"set tensorrt.tolerances['{name}'] if this error is expected for {precision}")
+    return mismatches
+
+
+def judge(recipe: Recipe, precision: str, reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
+          targets: list[np.ndarray], config: EngineConfig, gates: PrecisionConfig, throughput: float,
+          fp32_throughput: float) -> VariantReport:
+    """The engine as a variant: the recipe's metric on its outputs and on FP32's, its distance to FP32, and the
+    same accuracy and speed gates as every precision variant, plus the per-output numerical check."""
+    first = next(iter(reference[0]))  # recipes score their first output
+    fp32 = VariantReport(name="fp32", metrics=recipe.score([r[first] for r in reference], targets), throughput_per_s=fp32_throughput)
+    report = VariantReport(name=f"tensorrt-{precision}", runtime="tensorrt", runtime_precision=precision, throughput_per_s=throughput)
+    mismatches = compare_outputs(reference, got, precision, config.tolerances)
+    if any(name not in g or g[name].shape != r[name].shape for r, g in zip(reference, got) for name in r):
+        report.status, report.reason = "rejected", "; ".join(mismatches)  # nothing to score
+        return report
+    report.metrics = recipe.score([g[first] for g in got], targets)
+    differences = np.concatenate([np.abs(g[first].astype(np.float64) - r[first]).ravel() for g, r in zip(got, reference)])
+    report.max_abs_diff, report.mean_abs_diff = float(differences.max()), float(differences.mean())
+    report.top1_agreement = float(np.concatenate([g[first].argmax(-1) == r[first].argmax(-1) for g, r in zip(got, reference)]).mean())
+    reasons = ["numerical check: " + "; ".join(mismatches)] if mismatches else []
+    reasons.append(accuracy_gate(recipe, report, fp32, gates.accuracy_budget) or "")
+    if gates.min_speedup and fp32_throughput:
+        slow = speed_gate(report, fp32, gates.min_speedup)
+        reasons.append(f"{slow} (TensorRT on the GPU vs ONNX Runtime FP32 on the CPU)" if slow else "")
+    reasons = [reason for reason in reasons if reason]
+    report.status, report.reason = ("rejected", "; ".join(reasons)) if reasons else ("accepted", "")
+    return report
+
+
+def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: EngineConfig, gates: PrecisionConfig,
+           fp32_throughput: float = 0.0) -> StageResult:
+    """Run the engine (in a child process) on held-out inputs, compare with FP32 ONNX Runtime, score and gate it;
+    writes `verification.json` beside the engine. SKIPPED without TensorRT or a GPU."""
+    folder = Path(folder)
+    reason = unavailable_reason()
+    if reason:
+        return StageResult("tensorrt", Status.SKIPPED, reason=reason)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    profiles = manifest["profiles"]
+    batch_limit = min(dims["max"][0] for dims in profiles.values())
+    batches = list(recipe.eval_batches(min(32, batch_limit), config.verify_samples))
+    speed = recipe.example_inputs(min(gates.speed_batch_size, batch_limit))
+    problems = [line for batch in batches for line in outside_profile(batch.inputs, profiles)] + outside_profile(speed, profiles)
     if problems:
-        raise EngineMismatch(f"engine {manifest.get('engine', '')} cannot run on the target: " + "; ".join(problems)
-                             + ". Rebuild it on the target (see reproduce.sh beside it), or build with "
-                             "hardware_compatibility='ampere_plus' / version_compatible=true.")
+        return StageResult("tensorrt", Status.FAILED, reason="verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems))
+    work = folder / "verify"
+    work.mkdir(exist_ok=True)
+    feeds = {f"{i}/{name}": array for i, batch in enumerate(batches) for name, array in batch.inputs.items()}
+    np.savez(work / "inputs.npz", **feeds, **{f"speed/{name}": array for name, array in speed.items()})
+    with timed() as clock:
+        code, tail = run_child(["run", str(folder / ENGINE_FILE), str(work / "inputs.npz"), str(work / "outputs.npz")],
+                               config.verify_timeout_s, work / "run.log")
+    if code != 0:
+        return StageResult("tensorrt", Status.FAILED, clock["seconds"], reason=child_failure("running the engine", code, tail, config.verify_timeout_s))
+    saved = np.load(work / "outputs.npz")
+    session = open_session(fp32_onnx)
+    names = [output.name for output in session.get_outputs()]
+    reference = [dict(zip(names, session.run(None, batch.inputs))) for batch in batches]
+    got = [{name: saved[f"{i}/{name}"] for name in names if f"{i}/{name}" in saved.files} for i in range(len(batches))]
+    throughput = len(next(iter(speed.values()))) / float(saved["seconds/speed"])
+    report = judge(recipe, manifest["precision"], reference, got, [b.targets for b in batches], config, gates, throughput, fp32_throughput)
+    report.path, report.bytes, report.sha256 = str(folder / ENGINE_FILE), manifest["engine_bytes"], manifest["engine_sha256"]
+    record = {**report.to_dict(), "compared_with": f"ONNX Runtime FP32 (CPU) on {sum(len(b.targets) for b in batches)} held-out samples",
+              "engine_manifest": manifest}
+    path = atomic_write_json(folder / "verification.json", record)
+    return StageResult("tensorrt", Status.OK, clock["seconds"], artifacts=[Artifact.of(path)], outputs={"verification": report.to_dict()})
 
 
-def _build_in_child(spec: dict) -> None:
-    """The TensorRT 10 build itself; runs only in the child process."""
-    import tensorrt as trt
-    import torch
-
-    config_spec = EngineConfig(**spec["config"])
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(spec["onnx"]):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise SystemExit("ONNX parser errors:\n" + "\n".join(errors))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config_spec.workspace_mb << 20)
-    config.builder_optimization_level = config_spec.optimization_level
-    for flag in PRECISION_FLAGS[config_spec.precision]:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if config_spec.hardware_compatibility == "ampere_plus":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if config_spec.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    cache_path = Path(config_spec.timing_cache)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)  # (cache, ignore_mismatch)
-    profile = builder.create_optimization_profile()
-    for name, dims in spec["shapes"].items():
-        profile.set_shape(name, dims["min"], dims["opt"], dims["max"])
-    config.add_optimization_profile(profile)
-    started = time.perf_counter()
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise SystemExit("TensorRT returned no engine; see the builder log above")
-    engine_path = Path(spec["engine"])
-    engine_path.write_bytes(bytes(engine))
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    major, minor = torch.cuda.get_device_capability(0)
-    atomic_write_json(engine_path.with_suffix(".json"), {
-        "engine": engine_path.name, "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(0),
-        "compute_capability": f"{major}.{minor}", "hardware_compatibility": config_spec.hardware_compatibility,
-        "version_compatible": config_spec.version_compatible, "onnx_sha256": sha256_file(spec["onnx"]),
-        "profiles": spec["shapes"], "precision": config_spec.precision, "build_seconds": time.perf_counter() - started,
-    })
-
-
-if __name__ == "__main__":
-    _build_in_child(json.loads(Path(sys.argv[1]).read_text()))
+def run_stage(recipe: Recipe, fp32_onnx: str | Path, variants: list[dict], out_dir: str | Path, config: EngineConfig,
+              gates: PrecisionConfig, max_batch_size: int) -> StageResult:
+    """The whole stage: pick the source ONNX for the precision, build, verify; SKIPPED where that cannot happen."""
+    if not config.enabled:
+        return StageResult("tensorrt", Status.SKIPPED, reason="tensorrt.enabled is false")
+    source, why = engine_source(config.precision, fp32_onnx, variants, config.strongly_typed)
+    if source is None:
+        return StageResult("tensorrt", Status.SKIPPED, reason=why)
+    built = build(recipe, source, out_dir, config, max_batch_size)
+    if built.status is not Status.OK:
+        return built
+    fp32 = next((v for v in variants if v["name"] == "fp32"), {})
+    checked = verify(recipe, built.outputs["folder"], fp32_onnx, config, gates, fp32.get("throughput_per_s", 0.0))
+    status = Status.FAILED if checked.status is Status.FAILED else Status.OK
+    return StageResult("tensorrt", status, built.seconds + checked.seconds, reason=checked.reason,
+                       artifacts=built.artifacts + checked.artifacts, outputs={**built.outputs, "source_onnx": str(source), **checked.outputs})

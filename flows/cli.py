@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core import paths
 from core.errors import TesError
@@ -325,20 +325,59 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_rebuild(run_dir: Path, params, recipe) -> Callable[[str, str], Path]:
+    """Rebuild (and verify) an engine of this run on this machine's GPU, which must have the asked capability."""
+    from core.results import Status
+    from export import trt_engine
+    from serving.native_repository import EngineMismatch
+
+    def rebuild(precision: str, capability: str) -> Path:
+        reason = trt_engine.unavailable_reason()
+        if reason:
+            raise EngineMismatch(f"cannot rebuild the {precision} engine for compute capability {capability} here: {reason}")
+        import torch
+
+        here = "{}.{}".format(*torch.cuda.get_device_capability(0))
+        if here != capability:
+            raise EngineMismatch(f"cannot rebuild the {precision} engine for compute capability {capability} here: this GPU "
+                                 f"is {here}; run export-repository --rebuild on a GPU of {capability}, or pass its engines with --engine-dir")
+        variants = json.loads((run_dir / "precision" / "variants.json").read_text())
+        config = params.tensorrt.model_copy(update={"precision": precision, "enabled": True})
+        result = trt_engine.run_stage(recipe, run_dir / "export" / "model.onnx", variants, run_dir / "tensorrt" / f"sm{capability.replace('.', '')}",
+                                      config, params.precision, max(1, params.serving_config(recipe).max_batch_size))
+        if result.status is not Status.OK:
+            raise EngineMismatch(f"rebuilding the {precision} engine for {capability} {result.status.value}: {result.reason}")
+        return Path(result.outputs["folder"])
+
+    return rebuild
+
+
 def cmd_export_repository(args: argparse.Namespace) -> int:
     from flows.params import parse_params
     from flows.pipeline import load_summary
-    from serving.native_repository import export_repository
+    from serving.native_repository import EngineTarget, export_repository
 
     summary = load_summary(args.run)
-    manifest = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())
-    params = parse_params(manifest["params"])
-    model = args.model or params.triton_model_name
-    written = export_repository(Path(summary["run_dir"]), Path(args.out), model, params.serving_config(params.build_recipe()), gpu=not args.cpu)
-    for version in written:
+    run_dir = Path(summary["run_dir"])
+    params = parse_params(json.loads((run_dir / "manifest.json").read_text())["params"])
+    recipe = params.build_recipe()
+    target = None
+    if args.target_tensorrt or args.target_cc:
+        if not (args.target_tensorrt and args.target_cc):
+            raise TesError("--target-tensorrt and --target-cc go together: the serving Triton's TensorRT version and its GPUs' "
+                             "compute capabilities, e.g. --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0")
+        target = EngineTarget(args.target_tensorrt, tuple(cc.strip() for cc in args.target_cc.split(",") if cc.strip()))
+    exported = export_repository(run_dir, Path(args.out), args.model or params.triton_model_name, params.serving_config(recipe),
+                                 gpu=not args.cpu, target=target, include_engines=not args.no_engines,
+                                 rebuild=_local_rebuild(run_dir, params, recipe) if args.rebuild else None,
+                                 engine_dirs=[Path(d) for d in args.engine_dir])
+    for version in exported.versions:
         print(f"{version.model_name} version {version.version}: {version.path}")
+    for line in exported.left_out:
+        print(f"left out: {line}")
+    server_args = "".join(f" {arg}" for arg in exported.server_args)
     print(f"\nServe it with a Triton that has the onnxruntime and tensorrt backends, e.g. an NGC container:\n"
-          f"  tritonserver --model-repository={Path(args.out).resolve()}")
+          f"  tritonserver --model-repository={Path(args.out).resolve()}{server_args}")
     return 0
 
 
@@ -408,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", default=None, help="the run folder (default: the last run)")
     export.add_argument("--model", default=None, help="model name prefix (default: the run's)")
     export.add_argument("--cpu", action="store_true", help="KIND_CPU instance groups instead of KIND_GPU")
+    export.add_argument("--target-tensorrt", help="the serving Triton's TensorRT version, e.g. 10.3.0.26 (needed when the run has engines)")
+    export.add_argument("--target-cc", help="its GPUs' compute capabilities, comma-separated, e.g. 8.0,9.0")
+    export.add_argument("--no-engines", action="store_true", help="export the ONNX models only")
+    export.add_argument("--rebuild", action="store_true", help="rebuild engines missing for a target capability on this machine's GPU")
+    export.add_argument("--engine-dir", action="append", default=[], help="an engine folder built elsewhere for this run (repeatable)")
     export.set_defaults(handler=cmd_export_repository)
 
     scaling = commands.add_parser("scaling", help="train a few stdlib-gpt sizes briefly; plot bits per byte vs training FLOPs")

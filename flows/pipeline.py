@@ -69,16 +69,11 @@ def stage_precision(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_pa
 
 
 def stage_tensorrt(recipe: Recipe, params: PipelineParams, run: RunDir, onnx_path: str, variants: list[dict]) -> StageResult:
-    """A TensorRT engine of the FP32 export (or of the static INT8 QDQ model for precision int8), where TensorRT and
-    a GPU exist; SKIPPED with the reason elsewhere. Engines are for the native flavour (`tes export-repository`)."""
-    source = onnx_path
-    if params.tensorrt.precision == "int8":
-        qdq = next((v for v in variants if v["name"] == "int8-static" and v["path"]), None)
-        if qdq is None:
-            return StageResult("tensorrt", Status.SKIPPED, reason="precision int8 needs the int8-static (QDQ) variant")
-        source = qdq["path"]
+    """A TensorRT engine for `tensorrt.precision`, built from the FP32 export (or the int8-static QDQ variant), then
+    verified against FP32 ONNX Runtime and gated like a variant, where TensorRT and a GPU exist; SKIPPED with the
+    reason elsewhere. Engines are for the native flavour (`tes export-repository`)."""
     limit = params.serving_config(recipe).max_batch_size
-    return trt_engine.build(recipe, source, run.stage_dir("tensorrt"), params.tensorrt, max(1, limit))
+    return trt_engine.run_stage(recipe, onnx_path, variants, run.stage_dir("tensorrt"), params.tensorrt, params.precision, max(1, limit))
 
 
 def stage_deploy(recipe: Recipe, params: PipelineParams, run: RunDir, variants: list[dict]) -> StageResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +25,15 @@ _TRITON_TO_NUMPY = {
 
 def _parameter(config: dict, key: str, default: str | None = None) -> str | None:
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def _log_provider(model: str, args: dict, requested: list, got: str) -> None:
+    """One line per instance in Triton's log saying which execution provider ONNX Runtime really uses (a warning
+    when it is not the first one asked for); `grep tes-provider` finds them."""
+    names = [entry[0] if isinstance(entry, tuple) else entry for entry in requested]
+    line = (f"tes-provider model={model} version={args.get('model_version', '')} instance={args.get('model_instance_name', '')} "
+            f"kind={args.get('model_instance_kind', '')} got={got} requested={','.join(names)} onnxruntime={ort.__version__}")
+    (pb_utils.Logger.log_info if got == names[0] else pb_utils.Logger.log_warn)(line)
 
 
 class TritonPythonModel:
@@ -46,10 +56,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(onnx_path, options, providers=self._providers(args, config))
-        self.provider = self.session.get_providers()[0]  # the provider ONNX Runtime actually got, logged below
+        requested = self._providers(args, config)
+        self.session = ort.InferenceSession(onnx_path, options, providers=requested)
+        self.provider = self.session.get_providers()[0]  # what ONNX Runtime really got: it falls back when one fails
         self._infer = lambda feeds: self.session.run(self.output_names, feeds)
-        pb_utils.Logger.log_info(f"{self.model_name}: ONNX Runtime {ort.__version__} on {self.provider}")
+        _log_provider(self.model_name, args, requested, self.provider)
 
     def _openvino(self, onnx_path: str, precision: str, threads: int):
         """OpenVINO on the CPU (bf16/int8 kernels ONNX Runtime's CPU provider lacks); returns the run function."""
@@ -71,17 +82,23 @@ class TritonPythonModel:
 
     @staticmethod
     def _providers(args: dict, config: dict) -> list:
-        """GPU instances try TensorRT (engines cached across loads), then CUDA; everything ends with the CPU."""
+        """GPU instances ask for TensorRT, then CUDA; every instance ends with the CPU. TensorRT keeps its engines
+        and timing cache in `trt_cache_dir` (a config parameter) or the temp folder, per model and version, not in
+        the version folder: that one is checksummed (manifest.json) and must not change after it is written."""
         available = ort.get_available_providers()
         chosen: list = []
         if args.get("model_instance_kind") == "GPU":
             device = int(args.get("model_instance_device_id", 0))
+            precision = _parameter(config, "precision", "")  # the variant: fp32, fp16, int8-static, ...
             if "TensorrtExecutionProvider" in available:
-                cache = _parameter(config, "trt_cache_dir", "") or os.path.join("/tmp", "tes-trt-cache", config["name"])
+                root = _parameter(config, "trt_cache_dir", "") or os.path.join(tempfile.gettempdir(), "tes-trt-cache")
+                cache = os.path.join(root, config["name"], str(args.get("model_version", "")))
                 os.makedirs(cache, exist_ok=True)
                 chosen.append(("TensorrtExecutionProvider", {
                     "device_id": device, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                    "trt_timing_cache_enable": True, "trt_fp16_enable": _parameter(config, "trt_fp16", "false") == "true",
+                    "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+                    "trt_fp16_enable": precision in ("fp16", "int8-static") or _parameter(config, "trt_fp16", "false") == "true",
+                    "trt_int8_enable": precision == "int8-static",  # explicit QDQ scales: no calibration table
                 }))
             if "CUDAExecutionProvider" in available:
                 chosen.append(("CUDAExecutionProvider", {"device_id": device}))
