@@ -3,14 +3,42 @@
     .venv/bin/python benchmarks/serving_overhead.py --requests 2000
 
 digits-cnn (goal: under 1 ms over gRPC on these machines). Requests to the server and in-process runs alternate,
-so machine noise hits both alike.
+so machine noise hits both alike. Two clients are measured: `tritonclient` (what `tes infer` and the served
+check use) and the load generator's lean sender (`serving/bench_wire.py`: requests serialized once), and the
+transport floor (median liveness round trip) says how much of what is left is the client and the protocol.
 """
 
 import argparse
+import statistics
+import time
 
 from _common import serving, trained_onnx
+
+from serving import bench_wire
 from serving.check import latency_probe, ort_session
 from serving.repository import ServingConfig
+
+
+def lean_probe(url: str, protocol: str, model: str, sample: dict, session, requests: int) -> dict:
+    """p50 of one-at-a-time requests through the lean sender vs in-process, interleaved."""
+    sender = bench_wire.open_sender(protocol, url, model, [sample])
+    served_ms, local_ms = [], []
+    try:
+        for _ in range(10):
+            sender.send(0)
+            session.run(None, sample)
+        for _ in range(requests):
+            start = time.perf_counter()
+            sender.send(0)
+            served_ms.append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            session.run(None, sample)
+            local_ms.append((time.perf_counter() - start) * 1e3)
+        floor = bench_wire.transport_floor_ms(sender)
+    finally:
+        sender.close()
+    served, local = statistics.median(served_ms), statistics.median(local_ms)
+    return {"served_p50_ms": served, "in_process_p50_ms": local, "serving_overhead_p50_ms": served - local, "floor_ms": floor}
 
 
 def main() -> None:
@@ -20,11 +48,15 @@ def main() -> None:
     args = parser.parse_args()
     recipe, onnx_path = trained_onnx("digits-cnn", steps=100)
     sample = recipe.example_inputs(1)
+    session = ort_session(onnx_path)
     with serving({"digits-cnn": (onnx_path, ServingConfig(max_batch_size=64, max_queue_delay_microseconds=args.delay_us))}) as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            result = latency_probe(url, protocol, "digits-cnn", sample, ort_session(onnx_path), requests=args.requests)
-            print(f"{protocol:4s} c=1, {args.requests} requests, input {result['input_shapes']}: served p50 {result['served_p50_ms']:.3f} ms, "
-                  f"in-process ONNX Runtime p50 {result['in_process_p50_ms']:.3f} ms, overhead {result['serving_overhead_p50_ms']:.3f} ms")
+            result = latency_probe(url, protocol, "digits-cnn", sample, session, requests=args.requests)
+            lean = lean_probe(url, protocol, "digits-cnn", sample, session, args.requests)
+            print(f"{protocol:4s} c=1, {args.requests} requests, input {result['input_shapes']}: in-process ONNX Runtime p50 "
+                  f"{result['in_process_p50_ms']:.3f} ms | tritonclient: served p50 {result['served_p50_ms']:.3f} ms, overhead "
+                  f"{result['serving_overhead_p50_ms']:.3f} ms | lean sender: served p50 {lean['served_p50_ms']:.3f} ms, overhead "
+                  f"{lean['serving_overhead_p50_ms']:.3f} ms | transport floor {lean['floor_ms']:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import numpy as np
 import psutil
 
 from core.errors import InferenceError, ServerError
-from serving.client import connect, infer, infer_prepared, prepare
+from serving.bench_wire import open_sender
+from serving.client import connect
 
 Protocol = Literal["http", "grpc"]
 PERCENTILES = (50, 90, 95, 99)
@@ -165,21 +166,24 @@ class _Recorder:
 
 def _closed_loop(url, protocol, model, inputs, concurrency, settings, recorder, stop) -> list[threading.Thread]:
     def worker(offset: int) -> None:
-        client = connect(url, protocol, settings.timeout_s)
-        requests = [prepare(case, protocol) for case in inputs]  # built once: the loop measures the server, not numpy
+        try:  # requests serialized once (serving/bench_wire.py): the loop measures the server, not the client
+            sender = open_sender(protocol, url, model, inputs, settings.timeout_s)
+        except (InferenceError, ValueError) as error:
+            recorder.add(None, str(error))
+            return
         index = offset
         try:
             while not stop.is_set():
                 start = time.perf_counter()
                 try:
-                    infer_prepared(client, url, model, requests[index % len(requests)], protocol, settings.timeout_s)
+                    sender.send(index)
                     recorder.add((time.perf_counter() - start) * 1e3)
                 except InferenceError as error:
                     recorder.add(None, str(error))
                     time.sleep(0.05)  # a failing server must not turn the loop into a busy spin
                 index += 1
         finally:
-            client.close()
+            sender.close()
 
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(concurrency)]
     for thread in threads:
@@ -189,19 +193,26 @@ def _closed_loop(url, protocol, model, inputs, concurrency, settings, recorder, 
 
 def _open_loop(url, protocol, model, inputs, rate, settings, recorder, stop, seed=0) -> list[threading.Thread]:
     """Poisson arrivals at `rate`/s; requests run on a pool so a slow answer never delays the next arrival."""
-    clients: queue.Queue = queue.Queue()
+    senders: queue.Queue = queue.Queue()
     pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="tes-openloop")
 
     def send(due: float, index: int) -> None:
-        client = clients.get() if not clients.empty() else connect(url, protocol, settings.timeout_s)
         delayed = time.perf_counter() - due > 2e-3
         try:
-            infer(url, model, inputs[index % len(inputs)], protocol, client=client, timeout_s=settings.timeout_s)
+            sender = senders.get_nowait()
+        except queue.Empty:
+            try:
+                sender = open_sender(protocol, url, model, inputs, settings.timeout_s)
+            except (InferenceError, ValueError) as error:
+                recorder.add(None, str(error), delayed)
+                return
+        try:
+            sender.send(index)
             recorder.add((time.perf_counter() - due) * 1e3, delayed=delayed)
         except InferenceError as error:
             recorder.add(None, str(error), delayed)
         finally:
-            clients.put(client)
+            senders.put(sender)
 
     def dispatcher() -> None:
         rng, due, index = random.Random(seed), time.perf_counter(), 0
@@ -213,8 +224,8 @@ def _open_loop(url, protocol, model, inputs, rate, settings, recorder, stop, see
             pool.submit(send, due, index)
             index += 1
         pool.shutdown(wait=True, cancel_futures=True)
-        while not clients.empty():
-            clients.get().close()
+        while not senders.empty():
+            senders.get().close()
 
     thread = threading.Thread(target=dispatcher, daemon=True)
     thread.start()

@@ -1,0 +1,214 @@
+"""Lean request senders for the load generator: every request is serialized once, before the timed loop.
+
+`tritonclient` builds the request message and decodes the answer inside every call, which costs Python time
+per request that lands in the measured latency and, on a small machine, is taken from the server.
+perf_analyzer's C++ client pays almost nothing there. These senders keep the KServe v2 wire format and the
+transport (gRPC's C core; one keep-alive HTTP/1.1 connection with the binary tensor extension), send bytes
+prepared up front, decode the first answer in full and check only the status of the rest.
+
+    sender = open_sender("grpc", "127.0.0.1:8001", "digits-cnn", inputs, timeout_s=10)
+    answer = sender.send(0)                # InferenceError with the server's message, or when no answer came in time
+    decode_answer("grpc", answer)          # {"logits": array(...)}
+    transport_floor_ms(sender)             # median liveness round trip: the client + transport floor
+    sender.close()
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import time
+from typing import Literal
+from typing import Protocol as TypingProtocol
+from urllib.parse import quote
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+from core.errors import InferenceError
+
+Protocol = Literal["http", "grpc"]
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+_SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+_MAX_MESSAGE = 2**31 - 1  # bytes; what tritonclient allows, so large tensors pass the same way
+_RETRY_HINT = "; is the server up, and is the timeout long enough?"
+
+
+class Sender(TypingProtocol):
+    def send(self, index: int) -> bytes: ...  # sends request `index` (cycled); returns the answer, undecoded
+
+    def ping(self) -> None: ...  # the cheapest call over the same transport (liveness), for the floor
+
+    def close(self) -> None: ...
+
+
+def decode_answer(protocol: Protocol, answer: bytes) -> dict[str, np.ndarray]:
+    """Every output of an undecoded answer by name (binary outputs, as the senders ask for)."""
+    if protocol == "grpc":
+        response = service_pb2.ModelInferResponse.FromString(answer)
+        return {output.name: np.frombuffer(data, triton_to_np_dtype(output.datatype)).reshape(output.shape)
+                for output, data in zip(response.outputs, response.raw_output_contents)}
+    header, offset = json.JSONDecoder().raw_decode(answer.decode("latin-1"))  # latin-1: one char per byte
+    arrays = {}
+    for output in header.get("outputs", []):
+        size = output.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            raise InferenceError(f"output '{output.get('name')}': expected binary data, got JSON values")
+        data = answer[offset:offset + size]
+        arrays[output["name"]] = np.frombuffer(data, triton_to_np_dtype(output["datatype"])).reshape(output["shape"])
+        offset += size
+    return arrays
+
+
+class _Checked:
+    """The first answer of a sender is decoded in full; it must carry every output's data."""
+
+    _protocol: Protocol
+    _model: str
+    _url: str
+    _checked = False
+
+    def _check_first(self, answer: bytes) -> None:
+        if self._checked:
+            return
+        try:
+            outputs = decode_answer(self._protocol, answer)
+        except (ValueError, KeyError, TypeError) as error:
+            raise InferenceError(f"model '{self._model}' at {self._url} over {self._protocol}: "
+                                 f"the answer could not be decoded ({error})") from error
+        if not outputs:
+            raise InferenceError(f"model '{self._model}' at {self._url} over {self._protocol}: expected outputs, got none")
+        self._checked = True
+
+
+def _check_inputs(inputs: list[dict[str, np.ndarray]]) -> None:
+    if not inputs:
+        raise ValueError("inputs: expected at least one request (a dict of input name -> array), got none")
+
+
+class GrpcSender(_Checked):
+    """ModelInfer over one gRPC channel with pre-serialized `ModelInferRequest` bytes (no (de)serializer)."""
+
+    _protocol: Protocol = "grpc"
+
+    def __init__(self, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0):
+        _check_inputs(inputs)
+        self._url, self._model, self._timeout_s = url, model, timeout_s
+        self._requests = [self._serialize(case) for case in inputs]
+        # No proxy: a benchmark measures the server, and a proxy in the environment would reroute loopback.
+        self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", _MAX_MESSAGE),
+                                                            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                                                            ("grpc.enable_http_proxy", 0)])
+        self._infer = self._channel.unary_unary(_MODEL_INFER)  # bytes in, bytes out
+        self._live = self._channel.unary_unary(_SERVER_LIVE)
+
+    def _serialize(self, case: dict[str, np.ndarray]) -> bytes:
+        request = service_pb2.ModelInferRequest(model_name=self._model)
+        for name, array in case.items():
+            tensor = request.inputs.add(name=name, datatype=np_to_triton_dtype(array.dtype))
+            tensor.shape.extend(array.shape)
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        return request.SerializeToString()
+
+    def _call(self, method, message: bytes, what: str) -> bytes:
+        try:
+            return method(message, timeout=self._timeout_s)  # a deadline on every call: a frozen server never hangs us
+        except grpc.RpcError as error:
+            code = error.code().name if hasattr(error, "code") else "UNKNOWN"
+            details = error.details() if hasattr(error, "details") else str(error)
+            hint = _RETRY_HINT if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else ""
+            raise InferenceError(f"{what} at {self._url} over grpc: {code}: {details}{hint}") from error
+
+    def send(self, index: int) -> bytes:
+        answer = self._call(self._infer, self._requests[index % len(self._requests)], f"model '{self._model}'")
+        self._check_first(answer)
+        return answer
+
+    def ping(self) -> None:
+        self._call(self._live, b"", "liveness of Triton")  # an empty ServerLiveRequest serializes to no bytes
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class HttpSender(_Checked):
+    """POST /v2/models/<model>/infer with the binary tensor extension over one keep-alive connection."""
+
+    _protocol: Protocol = "http"
+
+    def __init__(self, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0):
+        _check_inputs(inputs)
+        self._url, self._model = url, model
+        host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"url: expected host:port of Triton's HTTP endpoint, got {url!r}")
+        self._connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)  # timeout per socket operation
+        self._path = f"/v2/models/{quote(model)}/infer"
+        self._requests = [self._serialize(case) for case in inputs]
+
+    @staticmethod
+    def _serialize(case: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+        buffers = [np.ascontiguousarray(array).tobytes() for array in case.values()]
+        header = {"inputs": [{"name": name, "shape": list(array.shape), "datatype": np_to_triton_dtype(array.dtype),
+                              "parameters": {"binary_data_size": len(data)}}
+                             for (name, array), data in zip(case.items(), buffers)],
+                  "parameters": {"binary_data_output": True}}  # every output as raw bytes, not JSON numbers
+        head = json.dumps(header).encode()
+        return head + b"".join(buffers), {"Inference-Header-Content-Length": str(len(head)),
+                                          "Content-Type": "application/octet-stream"}
+
+    def _call(self, method: str, path: str, body: bytes | None, headers: dict, what: str) -> bytes:
+        try:
+            self._connection.request(method, path, body, headers)
+            response = self._connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, half-closed
+            self._connection.close()  # the next call reconnects
+            raise InferenceError(f"{what} at {self._url} over http: no answer ({type(error).__name__}: {error})"
+                                 f"{_RETRY_HINT}") from error
+        if response.status != 200:
+            raise InferenceError(f"{what} at {self._url} over http: HTTP {response.status}: {_error_text(answer)}")
+        return answer
+
+    def send(self, index: int) -> bytes:
+        body, headers = self._requests[index % len(self._requests)]
+        answer = self._call("POST", self._path, body, headers, f"model '{self._model}'")
+        self._check_first(answer)
+        return answer
+
+    def ping(self) -> None:
+        self._call("GET", "/v2/health/live", None, {}, "liveness of Triton")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _error_text(answer: bytes) -> str:
+    try:
+        return json.loads(answer).get("error", answer.decode(errors="replace"))
+    except ValueError:
+        return answer[:200].decode(errors="replace")
+
+
+def transport_floor_ms(sender: Sender, calls: int = 200) -> float:
+    """Median round trip of the liveness call over `sender`'s transport, in ms: what the client, the protocol
+    stack and the loopback cost a request before any model runs. A served p50 close to it is mostly client."""
+    for _ in range(10):  # warm the connection and the server's handler threads
+        sender.ping()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        sender.ping()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def open_sender(protocol: Protocol, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0) -> Sender:
+    if protocol == "grpc":
+        return GrpcSender(url, model, inputs, timeout_s)
+    if protocol == "http":
+        return HttpSender(url, model, inputs, timeout_s)
+    raise ValueError(f"protocol: expected 'http' or 'grpc', got {protocol!r}")
