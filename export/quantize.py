@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8")
 # variant -> (runtime, inference precision hint) for the variants that run outside ONNX Runtime
-RUNTIME_OF = {"openvino-bf16": ("openvino", "bf16"), "openvino-int8": ("openvino", "bf16")}
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 
 

@@ -26,7 +26,7 @@ class OpenVinoSession:
         except ImportError as error:
             raise VariantSkipped("openvino is not installed") from error
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and not openvino_has_bf16():
             raise VariantSkipped("this CPU has no bf16 support in OpenVINO (needs AVX512_BF16 or AMX)")
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -39,6 +39,25 @@ class OpenVinoSession:
         results = self._request.infer(feeds)
         by_name = {output.get_any_name(): np.array(value) for output, value in results.items()}
         return [by_name[name] for name in (names or self.output_names)]
+
+
+def openvino_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin has bf16 kernels here (AVX512_BF16 or AMX); False without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def runtime_of(variant: str) -> tuple[Runtime, str | None]:
+    """The runtime and its precision hint for a variant. OpenVINO's int8 variant computes the layers left
+    unquantized in bf16 where the CPU has it, in f32 otherwise."""
+    if variant == "openvino-bf16":
+        return "openvino", "bf16"
+    if variant == "openvino-int8":
+        return "openvino", "bf16" if openvino_has_bf16() else "f32"
+    return "onnxruntime", None
 
 
 def open_session(onnx_path: str | Path, runtime: Runtime = "onnxruntime", precision: str | None = None, threads: int = 0):

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.results import Artifact
 from export import quantize
-from export.quantize import ALL_VARIANTS, RUNTIME_OF
-from export.runtimes import open_session
+from export.quantize import ALL_VARIANTS
+from export.runtimes import open_session, runtime_of
 from training.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
     """Build one variant and apply the accuracy gate; static INT8 retries with drifting nodes excluded."""
     excluded: list[str] = []
     drift: list[dict] = []
-    runtime, runtime_precision = RUNTIME_OF.get(name, ("onnxruntime", None))
+    runtime, runtime_precision = runtime_of(name)
     retried = name in ("int8-static", "openvino-int8")
     for attempt in range(config.exclusion_retries + 1 if retried else 1):
         report = VariantReport(name=name, excluded_nodes=list(excluded), drift=drift, runtime=runtime, runtime_precision=runtime_precision)

@@ -179,4 +179,6 @@ def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
     assert split == pytest.approx(entries["precision"]["joules"], rel=1e-6)  # the stage's energy, shared out
     assert {(row["protocol"], row["load"]) for row in ledger["serving"]} == {("grpc", 2.0), ("http", 2.0)}
     assert all(row["energy_kind"] == "estimated" and row["joules_per_inference"] > 0 for row in ledger["serving"])
-    assert {row["variant"] for row in ledger["payback"]} == {"int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8"}
+    measured = {v["name"] for v in summary["stages"]["precision"]["outputs"]["variants"] if v["throughput_per_s"] > 0}
+    assert {"int8-dynamic", "int8-static", "fp16", "openvino-int8"} <= measured  # openvino-bf16 only where the CPU has bf16
+    assert {row["variant"] for row in ledger["payback"]} == measured - {"fp32"}
