@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -75,24 +76,88 @@ def build_int8_dynamic(fp32_path: Path, out_dir: Path, per_channel: bool = False
     return target
 
 
+def weight_nodes(model_path: Path, op_types: Iterable[str] | None) -> list[str]:
+    """Names of the nodes of `op_types` (all types if None) that take a constant (initializer) input: the layers
+    with weights, as opposed to products of two activations such as attention's Q·K^T and its weighted sum of V."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    wanted = set(op_types) if op_types else None
+    return [node.name for node in graph.node if (wanted is None or node.op_type in wanted) and any(i in constants for i in node.input)]
+
+
+def nodes_of(model_path: Path, op_types: Iterable[str] | None) -> list[str]:
+    """Names of the nodes of `op_types` (every node if None)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [node.name for node in graph.node if op_types is None or node.op_type in set(op_types)]
+
+
+def activation_ranges(model_path: Path, tensors: Iterable[str], calibration: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """(lowest, highest) of each float tensor over the calibration batches, from the float model."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    present = {output.name for output in model.graph.output}
+    wanted = [name for name in dict.fromkeys(tensors)]
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted if name not in present)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ranges: dict[str, tuple[float, float]] = {}
+    for batch in calibration:
+        for name, value in zip(wanted, session.run(wanted, batch)):
+            low, high = float(value.min()), float(value.max())
+            previous = ranges.get(name, (low, high))
+            ranges[name] = (min(low, previous[0]), max(high, previous[1]))
+    return ranges
+
+
+def activation_overrides(model_path: Path, nodes: Iterable[str], calibration: list[dict[str, np.ndarray]], skew: float = 0.25) -> dict:
+    """With symmetric S8 activations, a tensor that is almost all positive (after a GELU or ReLU) would use half
+    the int8 range; those get U8 with a zero point instead, per tensor (TensorQuantOverrides)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    wanted = set(nodes)
+    activations = [i for node in graph.node if node.name in wanted for i in node.input if i and i not in constants]
+    ranges = activation_ranges(model_path, activations, calibration)
+    return {name: [{"quant_type": QuantType.QUInt8, "symmetric": False}]
+            for name, (low, high) in ranges.items() if high > 0 and low >= -skew * high}
+
+
 def build_int8_static(fp32_path: Path, out_dir: Path, calibration: list[dict[str, np.ndarray]], method: str = "minmax",
                       per_channel: bool = True, exclude: Iterable[str] = (), name: str = "int8-static",
-                      op_types: Iterable[str] | None = ("MatMul", "Gemm", "Conv")) -> Path:
+                      op_types: Iterable[str] | None = ("MatMul", "Gemm", "Conv"), weights_only: bool = True,
+                      symmetric_activations: bool = False) -> Path:
     """QDQ (S8 weights, U8 activations) calibrated on `calibration`, which must come from the training split.
 
     By default only MatMul/Gemm/Conv are quantized: quantizing everything also quantizes the additive attention
     mask and the softmax, which took stdlib-gpt's next-byte accuracy from 0.55 to 0.13 (matmuls only: 0.547).
+    With `weights_only` (the default) only those with a constant weight are: attention's activation-by-activation
+    products stay in float, which kept the demo model's accuracy (-1.4% with them quantized, 0.0% without, in
+    OpenVINO) and lets OpenVINO keep its fused attention (benchmarks/precision.py).
+    `symmetric_activations` gives S8 activations with zero point 0: OpenVINO applies a non-zero activation zero
+    point as separate f32 subtractions around its int8 kernels, which took a fifth of the demo model's time.
+    Tensors that are almost all positive keep U8 with a zero point (`activation_overrides`): symmetric S8 there cost
+    the demo model 1.2% accuracy, mixed 0.35%.
     """
     if method not in CALIBRATION_METHODS:
         raise ExportError(f"calibration method {method!r}: expected one of {sorted(CALIBRATION_METHODS)}")
     target = out_dir / f"{name}.onnx"
     preprocessed = preprocess(fp32_path, out_dir)
+    excluded = set(exclude)
+    nodes = [n for n in weight_nodes(preprocessed, op_types) if n not in excluded] if weights_only else None
+    if nodes == []:
+        raise VariantSkipped(f"no {'/'.join(op_types or ['any'])} node with a constant weight is left to quantize"
+                             + (f" after excluding {sorted(excluded)}" if excluded else ""))
+    extra: dict = {"ActivationSymmetric": symmetric_activations}
+    if symmetric_activations:
+        targets = nodes if nodes is not None else nodes_of(preprocessed, op_types)
+        overrides = activation_overrides(preprocessed, [n for n in targets if n not in excluded], calibration)
+        if overrides:
+            extra["TensorQuantOverrides"] = overrides
     with _quiet_root_logger():
         atomic_write(target, lambda tmp: quantize_static(
             str(preprocessed), str(tmp), _Batches(calibration), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[method],
-            nodes_to_exclude=list(exclude), calibration_providers=["CPUExecutionProvider"],
-            op_types_to_quantize=list(op_types) if op_types else None))
+            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CALIBRATION_METHODS[method], nodes_to_quantize=nodes, nodes_to_exclude=list(excluded),
+            calibration_providers=["CPUExecutionProvider"], op_types_to_quantize=list(op_types) if op_types else None,
+            extra_options=extra))
     return target
 
 
@@ -106,14 +171,10 @@ def build_fp16(fp32_path: Path, out_dir: Path) -> Path:
     return target
 
 
-def producing_nodes(model_path: Path) -> dict[str, str]:
-    """Tensor name -> name of the node that produces it."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return {output: node.name for node in graph.node for output in node.output}
-
-
-def qdq_drift(fp32_path: Path, qdq_path: Path, out_dir: Path, calibration: list[dict[str, np.ndarray]], top: int = 5) -> list[dict]:
-    """The nodes whose quantized outputs are furthest from their float values (lowest SQNR in dB first).
+def qdq_drift(fp32_path: Path, qdq_path: Path, out_dir: Path, calibration: list[dict[str, np.ndarray]], top: int = 5,
+              quantized: Iterable[str] | None = None) -> list[dict]:
+    """The quantized nodes (of `quantized`, if given) that read the tensors furthest from their float values
+    (lowest SQNR in dB first): excluding them from quantization removes that error.
 
     ONNX Runtime's `qdq_loss_debug` runs both models with every intermediate tensor as an output and pairs them.
     """
@@ -128,14 +189,31 @@ def qdq_drift(fp32_path: Path, qdq_path: Path, out_dir: Path, calibration: list[
         float_acts = collect_activations(str(float_aug), _Batches(calibration))
         qdq_acts = collect_activations(str(qdq_aug), _Batches(calibration))
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-    producers = producing_nodes(float_model)
+    consumers = quantizing_consumers(qdq_path)
+    allowed = set(quantized) if quantized is not None else None
     ranked = []
     for tensor, error in errors.items():
-        node = producers.get(tensor)
-        # local error (this tensor, quantized vs not) finds the node that causes drift; the cross-model
-        # error (quantized model vs FP32 model) also counts what upstream nodes did
+        # local error (this tensor, quantized vs not) finds where drift comes from; the cross-model error
+        # (quantized model vs FP32 model) also counts what upstream nodes did. A tensor's quantization belongs to
+        # the nodes that read its quantized form: excluding those is what takes it out of int8.
         local, drift = float(error.get("qdq_err", float("inf"))), float(error.get("xmodel_err", float("inf")))
-        if node and np.isfinite(local):
-            ranked.append({"node": node, "tensor": tensor, "local_sqnr_db": local, "sqnr_vs_fp32_db": drift})
+        if np.isfinite(local):
+            ranked += [{"node": node, "tensor": tensor, "local_sqnr_db": local, "sqnr_vs_fp32_db": drift}
+                       for node in consumers.get(tensor, []) if allowed is None or node in allowed]
     ranked.sort(key=lambda item: item["local_sqnr_db"])
     return ranked[:top]
+
+
+def quantizing_consumers(qdq_path: Path) -> dict[str, list[str]]:
+    """Float tensor name -> the nodes of a QDQ model that read it through QuantizeLinear -> DequantizeLinear."""
+    graph = onnx.load(str(qdq_path), load_external_data=False).graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    found: dict[str, list[str]] = {}
+    for quantize_node in (n for n in graph.node if n.op_type == "QuantizeLinear"):
+        for dq in (r for r in readers.get(quantize_node.output[0], []) if r.op_type == "DequantizeLinear"):
+            names = [r.name for r in readers.get(dq.output[0], []) if r.op_type not in ("QuantizeLinear", "DequantizeLinear")]
+            found.setdefault(quantize_node.input[0], []).extend(n for n in names if n not in found.get(quantize_node.input[0], []))
+    return found

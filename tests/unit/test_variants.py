@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from export.onnx_export import ExportConfig, export_onnx
-from export.quantize import build_int8_static
+from export.quantize import build_int8_static, weight_nodes
 from export.runtimes import openvino_has_bf16
 from export.variants import PrecisionConfig, VariantReport, build_and_score, select
 from tests.conftest import TINY_DIGITS, TINY_GPT
@@ -56,6 +56,8 @@ def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(d
     assert "the budget allows down to +50.00%" in static.reason
     # the retry excluded the nodes that drifted most, and says which
     assert len(static.excluded_nodes) >= 1 and static.drift and all("local_sqnr_db" in d for d in static.drift)
+    # what is excluded is what was quantized: the layers that read a drifting tensor through QDQ
+    assert set(static.excluded_nodes) <= set(weight_nodes(folder / "tight" / "preprocessed.onnx", ["MatMul", "Gemm", "Conv"]))
     assert fp32.serves_alias
 
 
@@ -112,3 +114,65 @@ def test_unknown_variant_is_refused_and_fp32_always_comes_first():
     assert PrecisionConfig(variants=("int8-dynamic",)).variants == ("fp32", "int8-dynamic")
     with pytest.raises(ValueError, match="int4"):
         PrecisionConfig(variants=("int4",))
+
+
+def test_static_int8_quantizes_weights_not_attention_products(tmp_path):
+    """By default only layers with a constant weight get QDQ; attention's activation-by-activation MatMuls stay
+    float (quantizing them cost the demo model 1.4% accuracy). With weights_only off they are quantized too."""
+    import onnx
+
+    recipe = build_recipe("stdlib-gpt", TINY_GPT)
+    torch.manual_seed(0)
+    onnx_path = Path(export_onnx(recipe, recipe.build_model().eval(), tmp_path, ExportConfig()).outputs["onnx"])
+    calibration = recipe.calibration_inputs(8)
+
+    def dequantized_inputs(path: Path) -> dict[str, int]:
+        graph = onnx.load(str(path)).graph
+        dq_outputs = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+        return {node.name: sum(i in dq_outputs for i in node.input) for node in graph.node if node.op_type == "MatMul"}
+
+    weights = dequantized_inputs(build_int8_static(onnx_path, tmp_path, calibration, name="weights"))
+    everything = dequantized_inputs(build_int8_static(onnx_path, tmp_path, calibration, name="all", weights_only=False))
+    with_weights = set(weight_nodes(onnx_path, ["MatMul"]))
+    products = [name for name in everything if name not in with_weights]  # both inputs are activations
+    assert products and with_weights, "the tiny GPT has weight MatMuls and attention's activation-by-activation MatMuls"
+    assert all(weights[name] == 0 and everything[name] == 2 for name in products)
+    assert all(weights[name] == 2 for name in with_weights)  # weight and activation both through QDQ
+
+
+def _activation_zero_points(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return {node.input[0]: constants[node.input[2]] for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in constants}
+
+
+def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(digits, tmp_path):
+    """OpenVINO's int8 variant takes S8 activations with zero point 0, except where a tensor is almost all
+    positive (a ReLU's or GELU's output): there half of S8 would go unused, so U8 with a zero point."""
+    from export.quantize import activation_ranges
+
+    recipe, onnx_path, _ = digits
+    calibration = recipe.calibration_inputs(16)
+    import onnx
+
+    zero_points = _activation_zero_points(build_int8_static(Path(onnx_path), tmp_path, calibration, name="ov", symmetric_activations=True))
+    graph = onnx.load(str(tmp_path / "preprocessed.onnx")).graph
+    produced = {output for node in graph.node for output in node.output} | {i.name for i in graph.input}
+    zero_points = {name: zp for name, zp in zero_points.items() if name in produced}  # not QDQ's own renamed outputs
+    ranges = activation_ranges(tmp_path / "preprocessed.onnx", list(zero_points), calibration)
+    assert any(low >= 0 for low, _ in ranges.values())  # ReLU outputs feed the later layers
+    for name, zero_point in zero_points.items():
+        low, high = ranges[name]
+        assert zero_point.dtype == (np.uint8 if low >= -0.25 * high else np.int8), (name, low, high)
+        assert zero_point.dtype == np.uint8 or not zero_point.any()
+    # a transformer's LayerNorm outputs are not skewed: S8, zero point 0
+    gpt = build_recipe("stdlib-gpt", TINY_GPT)
+    torch.manual_seed(0)
+    gpt_onnx = Path(export_onnx(gpt, gpt.build_model().eval(), tmp_path / "gpt", ExportConfig()).outputs["onnx"])
+    gpt_points = _activation_zero_points(build_int8_static(gpt_onnx, tmp_path / "gpt", gpt.calibration_inputs(8), symmetric_activations=True))
+    norms = [zp for name, zp in gpt_points.items() if name.startswith("layer_norm")]
+    assert norms and all(zp.dtype == np.int8 and not zp.any() for zp in norms)
