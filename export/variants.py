@@ -235,8 +235,12 @@ def render_table(reports: list[dict], primary_metric: str) -> str:
         decision = r["status"] + (f": {r['reason']}" if r["reason"] else "") + (" **(serves alias)**" if r["serves_alias"] else "")
         if r["excluded_nodes"]:
             decision += f"; excluded from quantization: {', '.join(r['excluded_nodes'])}"
-        lines.append(
-            f"| {r['name']} | {r['bytes'] / 1e6:.2f} MB | {metric} | {100 * r['metric_delta_relative']:+.2f}% | "
-            f"{r['max_abs_diff']:.2e} / {r['mean_abs_diff']:.2e} | {r['top1_agreement']:.3f} | {r['latency_p50_ms']:.2f} ms | "
-            f"{r['throughput_per_s']:.0f}/s | {r['speedup_vs_fp32']:.2f}x | {decision} |")
+        scored, timed = bool(r["metrics"]), r["throughput_per_s"] > 0  # skipped: neither; rejected on accuracy: not timed
+        cells = [r["name"], f"{r['bytes'] / 1e6:.2f} MB" if r["bytes"] else "-", metric,
+                 f"{100 * r['metric_delta_relative']:+.2f}%" if scored else "-",
+                 f"{r['max_abs_diff']:.2e} / {r['mean_abs_diff']:.2e}" if scored else "-",
+                 f"{r['top1_agreement']:.3f}" if scored else "-",
+                 f"{r['latency_p50_ms']:.2f} ms" if timed else "-", f"{r['throughput_per_s']:.0f}/s" if timed else "-",
+                 f"{r['speedup_vs_fp32']:.2f}x" if timed else "-", decision]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

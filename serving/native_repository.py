@@ -328,10 +328,13 @@ def export_repository(run_dir: Path, out: Path, model: str, serving: ServingConf
     folders = sorted(p.parent for p in (run_dir / "tensorrt").rglob(ENGINE_MANIFEST)) + list(engine_dirs or [])
     plan, left_out = _engine_plan(run_dir, variants, folders, target, rebuild) if folders and include_engines else ({}, [])
     result = NativeExport(versions=[], left_out=left_out)
-    for variant in variants:
-        if variant["status"] == "accepted" and variant["runtime"] == "onnxruntime":
-            config = onnx_config(f"{model}-{variant['name']}", Path(variant["path"]), serving, gpu)
-            result.versions.append(write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run_dir.name}))
+    for variant in (v for v in variants if v["status"] == "accepted"):
+        if variant["runtime"] != "onnxruntime":  # Triton's OpenVINO backend is not checked here; the Python flavour serves it
+            result.left_out.append(f"{variant['name']}: runs in {variant['runtime']}, which this flavour does not write "
+                                   "(onnxruntime_onnx and tensorrt_plan only); the Python-backend repository of `tes run` serves it")
+            continue
+        config = onnx_config(f"{model}-{variant['name']}", Path(variant["path"]), serving, gpu)
+        result.versions.append(write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run_dir.name}))
     for precision, chosen in plan.items():
         result.versions.append(_engine_version(out, f"{model}-tensorrt-{precision}", chosen, serving, run_dir.name))
         if any(manifest.get("version_compatible") for _, manifest in chosen.values()):
