@@ -44,3 +44,17 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         triton.stop(server.pid)
+
+
+def serve_tiny_digits(server, folder: Path, name: str = "digits"):
+    """An untrained tiny digits-cnn exported to `folder` and loaded into `server` as `name`; (onnx path, recipe)."""
+    from export.onnx_export import ExportConfig, export_onnx
+    from serving import client, repository
+    from serving.repository import ServingConfig
+    from training.recipes import build_recipe
+
+    recipe = build_recipe("digits-cnn", TINY_DIGITS)
+    onnx_path = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).outputs["onnx"]
+    repository.write_version(server.repository, name, onnx_path, ServingConfig(max_batch_size=16))
+    client.load_model(server.http_url, name)
+    return onnx_path, recipe

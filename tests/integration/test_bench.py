@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 
 from core.errors import InferenceError, ServerError, TesError
-from export.onnx_export import ExportConfig, export_onnx
 from serving import bench_wire, client, loadgen, repository, triton
 from serving.repository import ServingConfig
-from tests.conftest import TINY_DIGITS
-from training.recipes import build_recipe
+from tests.conftest import serve_tiny_digits
 
 pytestmark = pytest.mark.integration
 PROTOCOLS = ["grpc", "http"]
@@ -47,10 +45,7 @@ def resume(pid: int) -> None:
 @pytest.fixture(scope="module")
 def digits(triton_server, tmp_path_factory):
     """(onnx path, held-out inputs) of a tiny digits-cnn served as 'digits' by the shared Triton."""
-    recipe = build_recipe("digits-cnn", TINY_DIGITS)
-    onnx_path = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("d"), ExportConfig()).outputs["onnx"]
-    repository.write_version(triton_server.repository, "digits", onnx_path, ServingConfig(max_batch_size=16))
-    client.load_model(triton_server.http_url, "digits")
+    onnx_path, recipe = serve_tiny_digits(triton_server, tmp_path_factory.mktemp("d"))
     return onnx_path, [batch.inputs for batch in recipe.eval_batches(1, 8)]
 
 

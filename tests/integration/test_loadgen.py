@@ -10,11 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from core.errors import InferenceError, ServerError
-from export.onnx_export import ExportConfig, export_onnx
-from serving import client, loadgen, repository, triton
-from serving.repository import ServingConfig
-from tests.conftest import TINY_DIGITS
-from training.recipes import build_recipe
+from serving import client, loadgen, triton
+from tests.conftest import serve_tiny_digits
 
 pytestmark = pytest.mark.integration
 QUICK = loadgen.LoadSettings(window_s=0.5, warmup_s=0.3, max_windows=6, stability=0.5)
@@ -22,10 +19,7 @@ QUICK = loadgen.LoadSettings(window_s=0.5, warmup_s=0.3, max_windows=6, stabilit
 
 @pytest.fixture(scope="module")
 def digits(triton_server, tmp_path_factory):
-    recipe = build_recipe("digits-cnn", TINY_DIGITS)
-    onnx_path = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("d"), ExportConfig()).outputs["onnx"]
-    repository.write_version(triton_server.repository, "digits", onnx_path, ServingConfig(max_batch_size=16))
-    client.load_model(triton_server.http_url, "digits")
+    _, recipe = serve_tiny_digits(triton_server, tmp_path_factory.mktemp("d"))
     return [batch.inputs for batch in recipe.eval_batches(1, 32)]
 
 
