@@ -7,7 +7,8 @@ stdlib-gpt at its demo size (random weights: speed does not depend on them; the 
 last `--context` of each sample), over gRPC. The two configurations are served side by side by one Triton and
 measured in alternation; the ratio of the medians is printed (goal: at least 2.5x).
 
-Beside it, the ceiling: the same ONNX file in-process in ONNX Runtime at batch 1 and at batch 16, on the same
+`--variant openvino-int8` serves the QDQ file in OpenVINO instead, as `tes demo` does where that variant passes the
+gates. Beside it, the ceiling: the same file in-process in the same runtime at batch 1 and at batch 16, on the same
 inputs, with the server idle. No batcher can serve more samples per second than the in-process batch-16 figure,
 so (in-process batch-16 throughput) / (served unbatched throughput) bounds the ratio this machine can show.
 """
@@ -15,12 +16,14 @@ so (in-process batch-16 throughput) / (served unbatched throughput) bounds the r
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 from _common import serving, trained_onnx
 
+from export.quantize import build_int8_static
+from export.runtimes import open_session, runtime_of
 from serving import loadgen
-from serving.check import ort_session
 from serving.repository import ServingConfig
 
 
@@ -42,13 +45,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--delay-us", type=int, default=2000, help="max queue delay of the dynamic batcher")
     parser.add_argument("--context", type=int, default=128, help="bytes of context per request (the demo model takes 1..128)")
+    parser.add_argument("--variant", choices=["fp32", "openvino-int8"], default="fp32",
+                        help="what is served: the FP32 file in ONNX Runtime, or the QDQ file in OpenVINO (what `tes demo` "
+                             "serves as stdlib-gpt on CPUs where it passes the gates)")
     args = parser.parse_args()
     recipe, onnx_path = trained_onnx("stdlib-gpt", steps=0)
+    runtime, precision = runtime_of(args.variant)
+    if args.variant == "openvino-int8":
+        onnx_path = build_int8_static(Path(onnx_path), Path(onnx_path).parent, recipe.calibration_inputs(128),
+                                      name="openvino-int8", symmetric_activations=True)
     inputs = [{"tokens": batch.inputs["tokens"][:, -args.context:]} for batch in recipe.eval_batches(1, 64)]
-    configs = {"batched": ServingConfig(max_batch_size=32, max_queue_delay_microseconds=args.delay_us),
-               "unbatched": ServingConfig(max_batch_size=32, dynamic_batching=False)}
+    common = {"max_batch_size": 32, "runtime": runtime, "runtime_precision": precision or ""}
+    configs = {"batched": ServingConfig(**common, max_queue_delay_microseconds=args.delay_us),
+               "unbatched": ServingConfig(**common, dynamic_batching=False)}
     settings = loadgen.LoadSettings(window_s=3.0, warmup_s=2.0, max_windows=6)
-    session = ort_session(onnx_path)
+    session = open_session(onnx_path, runtime, precision)
     throughput: dict[str, list[float]] = {name: [] for name in [*configs, "in-process batch 1", "in-process batch 16"]}
     with serving({f"gpt-{name}": (onnx_path, config) for name, config in configs.items()}) as server:
         for round_number in range(args.rounds):
@@ -63,9 +74,9 @@ def main() -> None:
                 throughput[f"in-process batch {batch}"].append(in_process_throughput(session, inputs, batch))
     median = {name: statistics.median(values) for name, values in throughput.items()}
     batched, unbatched = median["batched"], median["unbatched"]
-    print(f"\nin-process ONNX Runtime, same inputs, server idle: batch 1 {median['in-process batch 1']:.1f} samples/s, "
+    print(f"\nin-process {runtime}, same inputs, server idle: batch 1 {median['in-process batch 1']:.1f} samples/s, "
           f"batch 16 {median['in-process batch 16']:.1f} samples/s")
-    print(f"concurrency {args.concurrency}, gRPC, stdlib-gpt demo size (1 x {args.context} bytes per request): "
+    print(f"concurrency {args.concurrency}, gRPC, stdlib-gpt demo size, {args.variant} in {runtime} (1 x {args.context} bytes per request): "
           f"dynamic batching {batched:.1f} req/s vs none {unbatched:.1f} req/s = {batched / unbatched:.2f}x (goal >= 2.5x); "
           f"ceiling on this machine: in-process batch 16 / served unbatched = {median['in-process batch 16'] / unbatched:.2f}x")
 
