@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--delay-us", type=int, default=2000, help="max queue delay of the dynamic batcher")
     parser.add_argument("--context", type=int, default=128, help="bytes of context per request (the demo model takes 1..128)")
+    parser.add_argument("--instances", type=int, default=1, help="model instances, in both configurations")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per instance (0: the runtime's default)")
     parser.add_argument("--variant", choices=["fp32", "openvino-int8"], default="fp32",
                         help="what is served: the FP32 file in ONNX Runtime, or the QDQ file in OpenVINO (what `tes demo` "
                              "serves as stdlib-gpt on CPUs where it passes the gates)")
@@ -55,7 +57,8 @@ def main() -> None:
         onnx_path = build_int8_static(Path(onnx_path), Path(onnx_path).parent, recipe.calibration_inputs(128),
                                       name="openvino-int8", symmetric_activations=True)
     inputs = [{"tokens": batch.inputs["tokens"][:, -args.context:]} for batch in recipe.eval_batches(1, 64)]
-    common = {"max_batch_size": 32, "runtime": runtime, "runtime_precision": precision or ""}
+    common = {"max_batch_size": 32, "runtime": runtime, "runtime_precision": precision or "",
+              "instance_count": args.instances, "intra_op_threads": args.threads}
     configs = {"batched": ServingConfig(**common, max_queue_delay_microseconds=args.delay_us),
                "unbatched": ServingConfig(**common, dynamic_batching=False)}
     settings = loadgen.LoadSettings(window_s=3.0, warmup_s=2.0, max_windows=6)
