@@ -15,8 +15,8 @@ prepared up front, decode the first answer in full and check only the status of 
 
 from __future__ import annotations
 
-import http.client
 import json
+import socket
 import statistics
 import time
 from typing import Literal
@@ -135,19 +135,26 @@ class GrpcSender(_Checked):
 
 
 class HttpSender(_Checked):
-    """POST /v2/models/<model>/infer with the binary tensor extension over one keep-alive connection."""
+    """POST /v2/models/<model>/infer with the binary tensor extension over one keep-alive HTTP/1.1 connection.
+
+    Each request's bytes (request line, headers, body) are built once; answers are read straight off the socket
+    by Content-Length (or chunks), without `http.client`'s header parser, which cost about 0.1 ms per request.
+    """
 
     _protocol: Protocol = "http"
 
     def __init__(self, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0):
         _check_inputs(inputs)
-        self._url, self._model = url, model
+        self._url, self._model, self._timeout_s = url, model, timeout_s
         host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"url: expected host:port of Triton's HTTP endpoint, got {url!r}")
-        self._connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)  # timeout per socket operation
-        self._path = f"/v2/models/{quote(model)}/infer"
-        self._requests = [self._serialize(case) for case in inputs]
+        self._address = (host, int(port))
+        self._socket: socket.socket | None = None
+        self._buffer = b""
+        infer_path = f"/v2/models/{quote(model)}/infer"
+        self._requests = [self._message("POST", infer_path, *self._serialize(case)) for case in inputs]
+        self._live = self._message("GET", "/v2/health/live", b"", {})
 
     @staticmethod
     def _serialize(case: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
@@ -160,30 +167,81 @@ class HttpSender(_Checked):
         return head + b"".join(buffers), {"Inference-Header-Content-Length": str(len(head)),
                                           "Content-Type": "application/octet-stream"}
 
-    def _call(self, method: str, path: str, body: bytes | None, headers: dict, what: str) -> bytes:
+    def _message(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self._address[0]}:{self._address[1]}", *(f"{k}: {v}" for k, v in headers.items())]
+        if method == "POST":
+            lines.append(f"Content-Length: {len(body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+    def _connect(self) -> socket.socket:
+        if self._socket is None:
+            connection = socket.create_connection(self._address, timeout=self._timeout_s)  # timeout per socket operation
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._socket, self._buffer = connection, b""
+        return self._socket
+
+    def _read_until(self, connection: socket.socket, marker: bytes) -> bytes:
+        while (end := self._buffer.find(marker)) < 0:
+            self._fill(connection)
+        taken, self._buffer = self._buffer[:end], self._buffer[end + len(marker):]
+        return taken
+
+    def _read_exactly(self, connection: socket.socket, size: int) -> bytes:
+        while len(self._buffer) < size:
+            self._fill(connection)
+        taken, self._buffer = self._buffer[:size], self._buffer[size:]
+        return taken
+
+    def _fill(self, connection: socket.socket) -> None:
+        data = connection.recv(1 << 20)
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        self._buffer += data
+
+    def _exchange(self, message: bytes) -> tuple[int, bytes, bool]:
+        """(status, body, whether the server keeps the connection) of one request on the open connection."""
+        connection = self._connect()
+        connection.sendall(message)
+        status_line, *header_lines = self._read_until(connection, b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            parts = []
+            while size := int(self._read_until(connection, b"\r\n").split(b";")[0], 16):
+                parts.append(self._read_exactly(connection, size))
+                self._read_exactly(connection, 2)  # the CRLF after each chunk
+            while self._read_until(connection, b"\r\n"):  # trailers, up to the empty line
+                pass
+            body = b"".join(parts)
+        else:
+            body = self._read_exactly(connection, int(headers.get("content-length", "0")))
+        return status, body, headers.get("connection", "").lower() != "close"
+
+    def _call(self, message: bytes, what: str) -> bytes:
         try:
-            self._connection.request(method, path, body, headers)
-            response = self._connection.getresponse()
-            answer = response.read()
-        except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, half-closed
-            self._connection.close()  # the next call reconnects
+            status, answer, keep = self._exchange(message)
+        except (OSError, ValueError, IndexError) as error:  # refused, reset, timed out, half-closed, garbled
+            self.close()  # the next call reconnects
             raise InferenceError(f"{what} at {self._url} over http: no answer ({type(error).__name__}: {error})"
                                  f"{_RETRY_HINT}") from error
-        if response.status != 200:
-            raise InferenceError(f"{what} at {self._url} over http: HTTP {response.status}: {_error_text(answer)}")
+        if not keep:
+            self.close()
+        if status != 200:
+            raise InferenceError(f"{what} at {self._url} over http: HTTP {status}: {_error_text(answer)}")
         return answer
 
     def send(self, index: int) -> bytes:
-        body, headers = self._requests[index % len(self._requests)]
-        answer = self._call("POST", self._path, body, headers, f"model '{self._model}'")
+        answer = self._call(self._requests[index % len(self._requests)], f"model '{self._model}'")
         self._check_first(answer)
         return answer
 
     def ping(self) -> None:
-        self._call("GET", "/v2/health/live", None, {}, "liveness of Triton")
+        self._call(self._live, "liveness of Triton")
 
     def close(self) -> None:
-        self._connection.close()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket, self._buffer = None, b""
 
 
 def _error_text(answer: bytes) -> str:

@@ -100,3 +100,51 @@ def test_http_requests_are_a_json_header_then_the_raw_tensors_and_answers_decode
     as_json = json.dumps({"outputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}).encode()
     with pytest.raises(InferenceError, match="'x'.*binary"):
         decode_answer("http", as_json)
+
+
+def _one_shot_server(responses: list[bytes]):
+    """A loopback server that answers each request it reads with the next of `responses` (raw HTTP bytes)."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        pending = list(responses)
+        while pending:
+            connection, _ = listener.accept()
+            with connection:
+                while pending:
+                    data = connection.recv(65536)
+                    if not data:
+                        break
+                    requests.append(data)
+                    answer = pending.pop(0)
+                    connection.sendall(answer)
+                    if b"Connection: close" in answer:
+                        break
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", requests
+
+
+def test_http_sender_reads_sized_and_chunked_answers_and_reconnects_after_close():
+    case = {"x": np.array([[1.0, 2.0]], dtype=np.float32)}
+    header = json.dumps({"outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]}).encode()
+    answer = header + case["x"].tobytes()
+    sized = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+               + b"%x\r\n" % 10 + answer[:10] + b"\r\n" + b"%x;ext=1\r\n" % (len(answer) - 10) + answer[10:] + b"\r\n0\r\n\r\n")
+    refused = b'HTTP/1.1 400 Bad Request\r\nContent-Length: 24\r\n\r\n{"error": "bad input x"}'
+    url, requests = _one_shot_server([sized, chunked, refused])
+    sender = HttpSender(url, "m", [case], timeout_s=5)
+    try:
+        for _ in range(2):  # the second answer is chunked and closes the connection
+            np.testing.assert_array_equal(decode_answer("http", sender.send(0))["y"], case["x"])
+        with pytest.raises(InferenceError, match="HTTP 400: bad input x"):
+            sender.send(0)  # on a new connection
+    finally:
+        sender.close()
+    assert all(r.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n") and r.endswith(case["x"].tobytes()) for r in requests)
