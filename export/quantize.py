@@ -96,7 +96,7 @@ def activation_ranges(model_path: Path, tensors: Iterable[str], calibration: lis
     """(lowest, highest) of each float tensor over the calibration batches, from the float model."""
     model = onnx.load(str(model_path), load_external_data=False)
     present = {output.name for output in model.graph.output}
-    wanted = [name for name in dict.fromkeys(tensors)]
+    wanted = list(dict.fromkeys(tensors))
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted if name not in present)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ranges: dict[str, tuple[float, float]] = {}
@@ -214,6 +214,8 @@ def quantizing_consumers(qdq_path: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for quantize_node in (n for n in graph.node if n.op_type == "QuantizeLinear"):
         for dq in (r for r in readers.get(quantize_node.output[0], []) if r.op_type == "DequantizeLinear"):
-            names = [r.name for r in readers.get(dq.output[0], []) if r.op_type not in ("QuantizeLinear", "DequantizeLinear")]
-            found.setdefault(quantize_node.input[0], []).extend(n for n in names if n not in found.get(quantize_node.input[0], []))
+            consumers = found.setdefault(quantize_node.input[0], [])
+            for reader in readers.get(dq.output[0], []):
+                if reader.op_type not in ("QuantizeLinear", "DequantizeLinear") and reader.name not in consumers:
+                    consumers.append(reader.name)
     return found
