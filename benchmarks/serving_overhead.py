@@ -9,35 +9,22 @@ transport floor (median liveness round trip) says how much of what is left is th
 """
 
 import argparse
-import statistics
-import time
 
 from _common import serving, trained_onnx
 
 from serving import bench_wire
-from serving.check import latency_probe, ort_session
+from serving.check import interleaved_p50, latency_probe, ort_session
 from serving.repository import ServingConfig
 
 
 def lean_probe(url: str, protocol: str, model: str, sample: dict, session, requests: int) -> dict:
     """p50 of one-at-a-time requests through the lean sender vs in-process, interleaved."""
     sender = bench_wire.open_sender(protocol, url, model, [sample])
-    served_ms, local_ms = [], []
     try:
-        for _ in range(10):
-            sender.send(0)
-            session.run(None, sample)
-        for _ in range(requests):
-            start = time.perf_counter()
-            sender.send(0)
-            served_ms.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            session.run(None, sample)
-            local_ms.append((time.perf_counter() - start) * 1e3)
+        served, local = interleaved_p50(lambda: sender.send(0), lambda: session.run(None, sample), requests)
         floor = bench_wire.transport_floor_ms(sender)
     finally:
         sender.close()
-    served, local = statistics.median(served_ms), statistics.median(local_ms)
     return {"served_p50_ms": served, "in_process_p50_ms": local, "serving_overhead_p50_ms": served - local, "floor_ms": floor}
 
 

@@ -25,7 +25,6 @@ from core.files import atomic_write
 log = logging.getLogger(__name__)
 
 ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8")
-# variant -> (runtime, inference precision hint) for the variants that run outside ONNX Runtime
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
 
 
@@ -76,20 +75,19 @@ def build_int8_dynamic(fp32_path: Path, out_dir: Path, per_channel: bool = False
     return target
 
 
-def weight_nodes(model_path: Path, op_types: Iterable[str] | None) -> list[str]:
-    """Names of the nodes of `op_types` (all types if None) that take a constant (initializer) input: the layers
-    with weights, as opposed to products of two activations such as attention's Q·K^T and its weighted sum of V."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    constants = {init.name for init in graph.initializer}
-    constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
-    wanted = set(op_types) if op_types else None
-    return [node.name for node in graph.node if (wanted is None or node.op_type in wanted) and any(i in constants for i in node.input)]
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    return {init.name for init in graph.initializer} | {out for node in graph.node if node.op_type == "Constant" for out in node.output}
 
 
-def nodes_of(model_path: Path, op_types: Iterable[str] | None) -> list[str]:
-    """Names of the nodes of `op_types` (every node if None)."""
+def quantized_nodes(model_path: Path, op_types: Iterable[str] | None, weights_only: bool = True, exclude: Iterable[str] = ()) -> list[str]:
+    """Names of the nodes static INT8 quantizes: those of `op_types` (every type if None), with `weights_only` only
+    those that take a constant (initializer) input, the layers with weights, as opposed to products of two
+    activations such as attention's Q·K^T and its weighted sum of V; minus `exclude`."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [node.name for node in graph.node if op_types is None or node.op_type in set(op_types)]
+    constants, wanted, excluded = _constants(graph), set(op_types) if op_types else None, set(exclude)
+    return [node.name for node in graph.node
+            if (wanted is None or node.op_type in wanted) and node.name not in excluded
+            and (not weights_only or any(i in constants for i in node.input))]
 
 
 def activation_ranges(model_path: Path, tensors: Iterable[str], calibration: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
@@ -112,8 +110,7 @@ def activation_overrides(model_path: Path, nodes: Iterable[str], calibration: li
     """With symmetric S8 activations, a tensor that is almost all positive (after a GELU or ReLU) would use half
     the int8 range; those get U8 with a zero point instead, per tensor (TensorQuantOverrides)."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    constants = {init.name for init in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    wanted = set(nodes)
+    constants, wanted = _constants(graph), set(nodes)
     activations = [i for node in graph.node if node.name in wanted for i in node.input if i and i not in constants]
     ranges = activation_ranges(model_path, activations, calibration)
     return {name: [{"quant_type": QuantType.QUInt8, "symmetric": False}]
@@ -141,21 +138,20 @@ def build_int8_static(fp32_path: Path, out_dir: Path, calibration: list[dict[str
     target = out_dir / f"{name}.onnx"
     preprocessed = preprocess(fp32_path, out_dir)
     excluded = set(exclude)
-    nodes = [n for n in weight_nodes(preprocessed, op_types) if n not in excluded] if weights_only else None
-    if nodes == []:
+    nodes = quantized_nodes(preprocessed, op_types, weights_only, excluded)
+    if weights_only and not nodes:
         raise VariantSkipped(f"no {'/'.join(op_types or ['any'])} node with a constant weight is left to quantize"
                              + (f" after excluding {sorted(excluded)}" if excluded else ""))
     extra: dict = {"ActivationSymmetric": symmetric_activations}
     if symmetric_activations:
-        targets = nodes if nodes is not None else nodes_of(preprocessed, op_types)
-        overrides = activation_overrides(preprocessed, [n for n in targets if n not in excluded], calibration)
+        overrides = activation_overrides(preprocessed, nodes, calibration)
         if overrides:
             extra["TensorQuantOverrides"] = overrides
     with _quiet_root_logger():
         atomic_write(target, lambda tmp: quantize_static(
             str(preprocessed), str(tmp), _Batches(calibration), quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CALIBRATION_METHODS[method], nodes_to_quantize=nodes, nodes_to_exclude=list(excluded),
+            calibrate_method=CALIBRATION_METHODS[method], nodes_to_quantize=nodes if weights_only else None, nodes_to_exclude=list(excluded),
             calibration_providers=["CPUExecutionProvider"], op_types_to_quantize=list(op_types) if op_types else None,
             extra_options=extra))
     return target

@@ -216,11 +216,9 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
         report.status, report.reason = "rejected", reason
         if not retried or attempt == config.exclusion_retries:
             return report, None
-        preprocessed = quantize.preprocess(fp32_path, out_dir)
-        quantized = (quantize.weight_nodes(preprocessed, config.static_op_types or None) if config.static_weights_only
-                     else quantize.nodes_of(preprocessed, config.static_op_types or None))
-        drift = quantize.qdq_drift(fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry,
-                                   quantized=[n for n in quantized if n not in excluded])
+        quantized = quantize.quantized_nodes(quantize.preprocess(fp32_path, out_dir), config.static_op_types or None,
+                                             config.static_weights_only, excluded)
+        drift = quantize.qdq_drift(fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry, quantized=quantized)
         excluded += [item["node"] for item in drift if item["node"] not in excluded]
         log.info("%s: %s; retrying without %s", name, reason, excluded)
     return report, None

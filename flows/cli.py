@@ -365,7 +365,7 @@ def cmd_export_repository(args: argparse.Namespace) -> int:
     if args.target_tensorrt or args.target_cc:
         if not (args.target_tensorrt and args.target_cc):
             raise TesError("--target-tensorrt and --target-cc go together: the serving Triton's TensorRT version and its GPUs' "
-                             "compute capabilities, e.g. --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0")
+                           "compute capabilities, e.g. --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0")
         target = EngineTarget(args.target_tensorrt, tuple(cc.strip() for cc in args.target_cc.split(",") if cc.strip()))
     exported = export_repository(run_dir, Path(args.out), args.model or params.triton_model_name, params.serving_config(recipe),
                                  gpu=not args.cpu, target=target, include_engines=not args.no_engines,

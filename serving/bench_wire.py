@@ -63,17 +63,28 @@ def decode_answer(protocol: Protocol, answer: bytes) -> dict[str, np.ndarray]:
     return arrays
 
 
-class _Checked:
-    """The first answer of a sender is decoded in full; it must carry every output's data."""
+class _Sender:
+    """What both senders share: checked inputs, requests built once (`_requests`, by `_build`), and the first
+    answer decoded in full, which must carry every output's data."""
 
     _protocol: Protocol
-    _model: str
-    _url: str
     _checked = False
 
-    def _check_first(self, answer: bytes) -> None:
-        if self._checked:
-            return
+    def __init__(self, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float) -> None:
+        if not inputs:
+            raise ValueError("inputs: expected at least one request (a dict of input name -> array), got none")
+        self._url, self._model, self._timeout_s = url, model, timeout_s
+
+    def send(self, index: int) -> bytes:
+        answer = self._send_request(self._requests[index % len(self._requests)])
+        if not self._checked:
+            self._check(answer)
+        return answer
+
+    def _send_request(self, request) -> bytes:
+        raise NotImplementedError
+
+    def _check(self, answer: bytes) -> None:
         try:
             outputs = decode_answer(self._protocol, answer)
         except (ValueError, KeyError, TypeError) as error:
@@ -84,19 +95,13 @@ class _Checked:
         self._checked = True
 
 
-def _check_inputs(inputs: list[dict[str, np.ndarray]]) -> None:
-    if not inputs:
-        raise ValueError("inputs: expected at least one request (a dict of input name -> array), got none")
-
-
-class GrpcSender(_Checked):
+class GrpcSender(_Sender):
     """ModelInfer over one gRPC channel with pre-serialized `ModelInferRequest` bytes (no (de)serializer)."""
 
     _protocol: Protocol = "grpc"
 
     def __init__(self, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0):
-        _check_inputs(inputs)
-        self._url, self._model, self._timeout_s = url, model, timeout_s
+        super().__init__(url, model, inputs, timeout_s)
         self._requests = [self._serialize(case) for case in inputs]
         # No proxy: a benchmark measures the server, and a proxy in the environment would reroute loopback.
         self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", _MAX_MESSAGE),
@@ -122,10 +127,8 @@ class GrpcSender(_Checked):
             hint = _RETRY_HINT if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else ""
             raise InferenceError(f"{what} at {self._url} over grpc: {code}: {details}{hint}") from error
 
-    def send(self, index: int) -> bytes:
-        answer = self._call(self._infer, self._requests[index % len(self._requests)], f"model '{self._model}'")
-        self._check_first(answer)
-        return answer
+    def _send_request(self, request: bytes) -> bytes:
+        return self._call(self._infer, request, f"model '{self._model}'")
 
     def ping(self) -> None:
         self._call(self._live, b"", "liveness of Triton")  # an empty ServerLiveRequest serializes to no bytes
@@ -134,7 +137,7 @@ class GrpcSender(_Checked):
         self._channel.close()
 
 
-class HttpSender(_Checked):
+class HttpSender(_Sender):
     """POST /v2/models/<model>/infer with the binary tensor extension over one keep-alive HTTP/1.1 connection.
 
     Each request's bytes (request line, headers, body) are built once; answers are read straight off the socket
@@ -144,8 +147,7 @@ class HttpSender(_Checked):
     _protocol: Protocol = "http"
 
     def __init__(self, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0):
-        _check_inputs(inputs)
-        self._url, self._model, self._timeout_s = url, model, timeout_s
+        super().__init__(url, model, inputs, timeout_s)
         host, _, port = url.removeprefix("http://").rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"url: expected host:port of Triton's HTTP endpoint, got {url!r}")
@@ -230,10 +232,8 @@ class HttpSender(_Checked):
             raise InferenceError(f"{what} at {self._url} over http: HTTP {status}: {_error_text(answer)}")
         return answer
 
-    def send(self, index: int) -> bytes:
-        answer = self._call(self._requests[index % len(self._requests)], f"model '{self._model}'")
-        self._check_first(answer)
-        return answer
+    def _send_request(self, request: bytes) -> bytes:
+        return self._call(request, f"model '{self._model}'")
 
     def ping(self) -> None:
         self._call(self._live, "liveness of Triton")

@@ -43,24 +43,30 @@ def compare_served(urls: dict[str, str], model: str, batches: list[dict[str, np.
     return report
 
 
+def interleaved_p50(serve, local, requests: int) -> tuple[float, float]:
+    """(p50 of `serve()`, p50 of `local()`) in ms, called one after the other, so machine noise hits both alike."""
+    for _ in range(10):  # warm-up both paths
+        serve()
+        local()
+    served_ms, local_ms = [], []
+    for _ in range(requests):
+        start = time.perf_counter()
+        serve()
+        served_ms.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        local()
+        local_ms.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(served_ms), statistics.median(local_ms)
+
+
 def latency_probe(url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], session, requests: int = 100) -> dict:
     """p50 of one-at-a-time requests to the server vs the same model in-process on the same input, side by side."""
     client = connect(url, protocol)  # type: ignore[arg-type]
-    served_ms, local_ms = [], []
     try:
-        for _ in range(10):  # warm-up both paths
-            infer(url, model, inputs, protocol, client=client)  # type: ignore[arg-type]
-            session.run(None, inputs)
-        for _ in range(requests):  # interleaved, so machine noise hits both alike
-            start = time.perf_counter()
-            infer(url, model, inputs, protocol, client=client)  # type: ignore[arg-type]
-            served_ms.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            session.run(None, inputs)
-            local_ms.append((time.perf_counter() - start) * 1e3)
+        served_p50, local_p50 = interleaved_p50(lambda: infer(url, model, inputs, protocol, client=client),  # type: ignore[arg-type]
+                                                lambda: session.run(None, inputs), requests)
     finally:
         client.close()
-    served_p50, local_p50 = statistics.median(served_ms), statistics.median(local_ms)
     return {
         "protocol": protocol, "requests": requests, "input_shapes": {k: list(v.shape) for k, v in inputs.items()},
         "served_p50_ms": served_p50, "in_process_p50_ms": local_p50, "serving_overhead_p50_ms": served_p50 - local_p50,

@@ -24,29 +24,6 @@ def connect(url: str, protocol: Protocol = "http", timeout_s: float = 60.0):
     raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
 
 
-def prepare(inputs: dict[str, np.ndarray], protocol: Protocol) -> list:
-    """The request tensors for `inputs`, built once so a load loop does not pay for it on every request."""
-    module = httpclient if protocol == "http" else grpcclient
-    request = []
-    for name, array in inputs.items():
-        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        request.append(tensor)
-    return request
-
-
-def infer_prepared(client, url: str, model: str, request: list, protocol: Protocol, timeout_s: float | None = None):
-    """One request from `prepare`d tensors; returns the raw result (outputs stay undecoded)."""
-    extra = {"client_timeout": timeout_s} if protocol == "grpc" and timeout_s is not None else {}
-    try:
-        return client.infer(model, request, **extra)
-    except InferenceServerException as error:
-        raise InferenceError(f"model '{model}' at {url} over {protocol}: {error.message()}") from error
-    except (TimeoutError, OSError) as error:  # HTTP: socket timeouts and refused or reset connections
-        raise InferenceError(f"model '{model}' at {url} over {protocol}: no answer ({type(error).__name__}: {error}); "
-                             "is the server up, and is the timeout long enough?") from error
-
-
 def infer(
     url: str, model: str, inputs: dict[str, np.ndarray], protocol: Protocol = "http", version: str = "", client=None,
     timeout_s: float | None = None,
@@ -57,8 +34,20 @@ def infer(
     if client is None and protocol == "http" and timeout_s is not None:
         client = connect(url, protocol, timeout_s)
     client = client or connect(url, protocol)
+    module = httpclient if protocol == "http" else grpcclient
+    extra = {"client_timeout": timeout_s} if protocol == "grpc" and timeout_s is not None else {}
     try:
-        result = infer_prepared(client, url, model, prepare(inputs, protocol), protocol, timeout_s)
+        request = []
+        for name, array in inputs.items():
+            tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            request.append(tensor)
+        result = client.infer(model, request, **extra)
+    except InferenceServerException as error:
+        raise InferenceError(f"model '{model}' at {url} over {protocol}: {error.message()}") from error
+    except (TimeoutError, OSError) as error:  # HTTP: socket timeouts and refused or reset connections
+        raise InferenceError(f"model '{model}' at {url} over {protocol}: no answer ({type(error).__name__}: {error}); "
+                             "is the server up, and is the timeout long enough?") from error
     finally:
         if owned:
             client.close()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from export.onnx_export import ExportConfig, export_onnx
-from export.quantize import build_int8_static, weight_nodes
+from export.quantize import build_int8_static, quantized_nodes
 from export.runtimes import openvino_has_bf16
 from export.variants import PrecisionConfig, VariantReport, build_and_score, select
 from tests.conftest import TINY_DIGITS, TINY_GPT
@@ -57,7 +57,7 @@ def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(d
     # the retry excluded the nodes that drifted most, and says which
     assert len(static.excluded_nodes) >= 1 and static.drift and all("local_sqnr_db" in d for d in static.drift)
     # what is excluded is what was quantized: the layers that read a drifting tensor through QDQ
-    assert set(static.excluded_nodes) <= set(weight_nodes(folder / "tight" / "preprocessed.onnx", ["MatMul", "Gemm", "Conv"]))
+    assert set(static.excluded_nodes) <= set(quantized_nodes(folder / "tight" / "preprocessed.onnx", ["MatMul", "Gemm", "Conv"]))
     assert fp32.serves_alias
 
 
@@ -133,7 +133,7 @@ def test_static_int8_quantizes_weights_not_attention_products(tmp_path):
 
     weights = dequantized_inputs(build_int8_static(onnx_path, tmp_path, calibration, name="weights"))
     everything = dequantized_inputs(build_int8_static(onnx_path, tmp_path, calibration, name="all", weights_only=False))
-    with_weights = set(weight_nodes(onnx_path, ["MatMul"]))
+    with_weights = set(quantized_nodes(onnx_path, ["MatMul"]))
     products = [name for name in everything if name not in with_weights]  # both inputs are activations
     assert products and with_weights, "the tiny GPT has weight MatMuls and attention's activation-by-activation MatMuls"
     assert all(weights[name] == 0 and everything[name] == 2 for name in products)
