@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from serving import client, repository, triton  # noqa: E402
 from training.loop import TrainingConfig, load_trained, train  # noqa: E402
-from training.recipes import build_recipe  # noqa: E402
+from recipes import build_recipe  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="tes-bench-"))
 

@@ -22,8 +22,8 @@ import numpy as np
 from _common import serving, trained_onnx
 
 from export.quantize import build_int8_static
-from export.runtimes import open_session, runtime_of
-from serving import loadgen
+from core.runtimes import open_session, runtime_of
+from bench import loadgen
 from serving.repository import ServingConfig
 
 

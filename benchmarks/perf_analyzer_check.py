@@ -1,4 +1,4 @@
-"""Cross-check: our load generator (`serving.loadgen.measure`) against Triton's perf_analyzer, side by side.
+"""Cross-check: our load generator (`bench.loadgen.measure`) against Triton's perf_analyzer, side by side.
 
     sudo apt-get install libb64-0d                                   # perf_analyzer links against it
     .venv/bin/pip install nvidia-cuda-runtime-cu12==12.9.79          # it also wants libcudart.so.12 (not used on CPU)
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from _common import WORK, serving, trained_onnx
 
-from serving import bench_wire, loadgen
+from bench import loadgen, senders
 from serving.repository import ServingConfig
 
 
@@ -61,9 +61,9 @@ def data_file_for(name: str, inputs: list[dict[str, np.ndarray]]) -> Path:
 
 
 def floor_ms(protocol: str, url: str, model: str, inputs) -> float:
-    sender = bench_wire.open_sender(protocol, url, model, inputs)
+    sender = senders.open_sender(protocol, url, model, inputs)
     try:
-        return bench_wire.transport_floor_ms(sender)
+        return senders.transport_floor_ms(sender)
     finally:
         sender.close()
 

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
-from export.runtimes import open_session  # noqa: E402
+from core.runtimes import open_session  # noqa: E402
 from export.variants import PrecisionConfig, build_and_score  # noqa: E402
 from training.loop import TrainingConfig, load_trained, train  # noqa: E402
-from training.recipes import build_recipe  # noqa: E402
+from recipes import build_recipe  # noqa: E402
 
 
 def timed_round_robin(runners: dict, repeats: int, block: int = 6, rest_s: float = 0.25) -> dict[str, float]:

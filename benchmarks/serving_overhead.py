@@ -4,7 +4,7 @@
 
 digits-cnn (goal: under 1 ms over gRPC on these machines). Requests to the server and in-process runs alternate,
 so machine noise hits both alike. Two clients are measured: `tritonclient` (what `tes infer` and the served
-check use) and the load generator's lean sender (`serving/bench_wire.py`: requests serialized once), and the
+check use) and the load generator's lean sender (`bench/senders.py`: requests serialized once), and the
 transport floor (median liveness round trip) says how much of what is left is the client and the protocol.
 """
 
@@ -12,17 +12,17 @@ import argparse
 
 from _common import serving, trained_onnx
 
-from serving import bench_wire
+from bench import senders
 from serving.check import interleaved_p50, latency_probe, ort_session
 from serving.repository import ServingConfig
 
 
 def lean_probe(url: str, protocol: str, model: str, sample: dict, session, requests: int) -> dict:
     """p50 of one-at-a-time requests through the lean sender vs in-process, interleaved."""
-    sender = bench_wire.open_sender(protocol, url, model, [sample])
+    sender = senders.open_sender(protocol, url, model, [sample])
     try:
         served, local = interleaved_p50(lambda: sender.send(0), lambda: session.run(None, sample), requests)
-        floor = bench_wire.transport_floor_ms(sender)
+        floor = senders.transport_floor_ms(sender)
     finally:
         sender.close()
     return {"served_p50_ms": served, "in_process_p50_ms": local, "serving_overhead_p50_ms": served - local, "floor_ms": floor}

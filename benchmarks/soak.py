@@ -23,8 +23,8 @@ from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from serving import client, repository, triton  # noqa: E402
 from serving.check import ort_session  # noqa: E402
 from serving.repository import ServingConfig  # noqa: E402
-from serving.soak import soak  # noqa: E402
-from training.recipes import build_recipe  # noqa: E402
+from bench.soak import soak  # noqa: E402
+from recipes import build_recipe  # noqa: E402
 
 
 def main() -> None:

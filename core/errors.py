@@ -48,6 +48,10 @@ class VerificationError(ExportError):
         )
 
 
+class VariantSkipped(ExportError):
+    """A precision variant cannot be built or run on this machine; the message is the reason."""
+
+
 class RepositoryError(TesError):
     """The Triton model repository could not be written or is not what it should be."""
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import ExportError, VerificationError
 from core.files import atomic_write
 from core.results import Artifact, StageResult, Status, timed
-from training.recipes import Recipe
+from recipes import Recipe
 
 log = logging.getLogger(__name__)
 

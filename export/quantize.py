@@ -19,17 +19,13 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from core.errors import ExportError
+from core.errors import ExportError, VariantSkipped
 from core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8")
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
-
-
-class VariantSkipped(ExportError):
-    """The variant cannot be built or run on this machine; the message is the reason."""
 
 
 class _Batches(CalibrationDataReader):

@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from core import paths
 from core.files import atomic_write_json, atomic_write_text
 from core.results import Artifact, StageResult, Status, timed
-from export.runtimes import open_session
+from core.runtimes import open_session
 from export.tensorrt_build import CLEARED_FLAGS, ENGINE_FILE, MANIFEST_FILE, PRECISION_FLAGS
 from export.variants import PrecisionConfig, VariantReport, accuracy_gate, speed_gate
-from training.recipes import Recipe
+from recipes import Recipe
 
 Precision = Literal["fp32", "fp16", "bf16", "int8-static"]
 TRTEXEC_FLAGS = {"FP16": "--fp16", "BF16": "--bf16", "INT8": "--int8"}

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core.results import Artifact
 from export import quantize
 from export.quantize import ALL_VARIANTS
-from export.runtimes import open_session, runtime_of
-from training.recipes import Recipe
+from core.runtimes import open_session, runtime_of
+from recipes import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Re-run caching: a run with the same data, code and configuration reuses the artifacts of the last one.
 
 The key hashes file *contents*, never paths: the recipe's data (`Recipe.data_fingerprint`), the source of every
-module that shapes the artifacts (`core`, `training`, `export`), and the parameters that reach those stages.
+module that shapes the artifacts (`core`, `recipes`, `training`, `export`), and the parameters that reach those stages.
 A hit is only taken when every cached artifact still has the sha256 recorded when it was written.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 from core import paths
 from core.files import atomic_write_json, sha256_file
 from flows.params import PipelineParams
-from training.recipes import Recipe
+from recipes import Recipe
 
 CACHED_STAGES = ("train", "export", "precision")
-_SOURCE_PACKAGES = ("core", "training", "export")
+_SOURCE_PACKAGES = ("core", "recipes", "training", "export")
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

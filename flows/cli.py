@@ -171,7 +171,7 @@ def _datatype(array) -> str:
 def _recipe_of_model(model: str):
     """The recipe that produced the newest version of `model`, read from that version's manifest."""
     from serving import repository
-    from training.recipes import build_recipe
+    from recipes import build_recipe
 
     folder = repository.model_dir(paths.resolve("model_repository"), model)
     numbers = repository.versions(folder)
@@ -264,7 +264,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from flows.bench import SHORT, THOROUGH, BenchmarkOptions, run_benchmark
+    from bench.stage import SHORT, THOROUGH, BenchmarkOptions, run_benchmark
 
     def numbers(text: str | None, kind: type) -> tuple | None:
         return tuple(kind(part) for part in text.split(",")) if text else None
@@ -306,7 +306,7 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from flows.accounting import render_ledger
+    from accounting.stage import render_ledger
     from flows.pipeline import load_summary
 
     summary = load_summary(args.run)
@@ -318,7 +318,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
-    from flows.scaling import scaling_sweep
+    from accounting.scaling import scaling_sweep
 
     result = scaling_sweep(args.widths, args.steps, args.layers)
     print(f"plot: {result['plot']}\ndata: {result['json']}")

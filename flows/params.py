@@ -12,14 +12,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError, RecipeError
-from core.ledger import Prices
-from flows.bench import BenchmarkOptions
+from accounting.ledger import Prices
+from bench.stage import BenchmarkOptions
 from export.onnx_export import ExportConfig
 from export.trt_engine import EngineConfig
 from export.variants import PrecisionConfig
 from serving.repository import ServingConfig, check_model_name
 from training.loop import TrainingConfig
-from training.recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, validation_problems
+from recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, validation_problems
 
 RECIPE_PATTERN = r"^(stdlib-gpt|digits-cnn|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"

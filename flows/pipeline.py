@@ -21,16 +21,17 @@ from core.files import atomic_write_json, atomic_write_text
 from core.results import Artifact, RunDir, StageResult, Status, new_run_id, timed
 from export.onnx_export import export_onnx
 from export import trt_engine
-from export.runtimes import open_session
+from core.runtimes import open_session
 from export.variants import build_and_score
-from core.ledger import Ledger
-from flows import accounting, cache, stack
-from flows.bench import run_benchmark
+from accounting.ledger import Ledger
+from accounting import stage as accounting
+from flows import cache, stack
+from bench.stage import run_benchmark
 from flows.params import PipelineParams
 from flows.report import render_report
 from serving import check, client, repository
 from training.loop import evaluate, load_trained, pick_device, train
-from training.recipes import Recipe
+from recipes import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from core.ledger import Prices
+from accounting.ledger import Prices
 from export.onnx_export import ExportConfig
 from export.trt_engine import EngineConfig
 from export.variants import PrecisionConfig
-from flows.bench import BenchmarkOptions, run_benchmark
+from bench.stage import BenchmarkOptions, run_benchmark
 from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
 from core.results import StageResult
 from flows.pipeline import run_pipeline
 from training.loop import TrainingConfig
-from training.recipes import DigitsCnnOptions, StdlibGptOptions
+from recipes import DigitsCnnOptions, StdlibGptOptions
 
 REPORT_ARTIFACT_KEY = "train-export-serve-report"
 

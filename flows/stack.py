@@ -62,7 +62,7 @@ def prefect_env(api_url: str) -> dict[str, str]:
         "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
         "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "training,export,serving,flows",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "recipes,training,export,serving,bench,accounting,flows",
         "TES_HOME": str(paths.home()),
     }
 

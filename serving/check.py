@@ -1,7 +1,7 @@
 """Checks on a served model: its answers against the same model run in-process, and a concurrency-1 latency probe.
 
 The in-process reference is any object with ONNX Runtime's `run(output_names, feeds)` (an ONNX Runtime session,
-or the OpenVINO adapter of `export.runtimes`), so each variant is compared with its own runtime.
+or the OpenVINO adapter of `core.runtimes`), so each variant is compared with its own runtime.
 """
 
 from __future__ import annotations

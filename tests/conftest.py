@@ -51,7 +51,7 @@ def serve_tiny_digits(server, folder: Path, name: str = "digits"):
     from export.onnx_export import ExportConfig, export_onnx
     from serving import client, repository
     from serving.repository import ServingConfig
-    from training.recipes import build_recipe
+    from recipes import build_recipe
 
     recipe = build_recipe("digits-cnn", TINY_DIGITS)
     onnx_path = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).outputs["onnx"]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from core.errors import TrainingError
 from core.files import atomic_write
 from core.results import Artifact, StageResult, Status
-from training.recipes import Recipe
+from recipes import Recipe
 
 log = logging.getLogger(__name__)
 

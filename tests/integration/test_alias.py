@@ -9,7 +9,7 @@ from serving import client, repository
 from serving.check import ort_session
 from serving.repository import ServingConfig
 from tests.conftest import TINY_DIGITS
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from core.errors import InferenceError, ServerError, TesError
-from serving import bench_wire, client, loadgen, repository, triton
+from bench import loadgen, senders
+from serving import client, repository, triton
 from serving.repository import ServingConfig
 from tests.conftest import serve_tiny_digits
 
@@ -66,16 +67,16 @@ def private_server(tmp_path, digits):
 def test_senders_get_the_same_answers_as_tritonclient(triton_server, digits, protocol):
     _, inputs = digits
     url = url_of(triton_server, protocol)
-    sender = bench_wire.open_sender(protocol, url, "digits", inputs)
+    sender = senders.open_sender(protocol, url, "digits", inputs)
     try:
         for index, case in enumerate(inputs + inputs[:2]):  # past the end: requests cycle
-            served = bench_wire.decode_answer(protocol, sender.send(index))
+            served = senders.decode_answer(protocol, sender.send(index))
             expected = client.infer(url, "digits", case, protocol)
             assert served.keys() == expected.keys()
             for name in expected:
                 assert served[name].shape == expected[name].shape and served[name].dtype == expected[name].dtype
                 np.testing.assert_array_equal(served[name], expected[name])
-        assert 0 < bench_wire.transport_floor_ms(sender, calls=20) < 1e4
+        assert 0 < senders.transport_floor_ms(sender, calls=20) < 1e4
     finally:
         sender.close()
 
@@ -84,13 +85,13 @@ def test_senders_get_the_same_answers_as_tritonclient(triton_server, digits, pro
 def test_a_bad_request_gives_the_servers_message(triton_server, digits, protocol):
     _, inputs = digits
     wrong_dtype = [{name: array.astype(np.float64) for name, array in case.items()} for case in inputs[:1]]
-    sender = bench_wire.open_sender(protocol, url_of(triton_server, protocol), "digits", wrong_dtype)
+    sender = senders.open_sender(protocol, url_of(triton_server, protocol), "digits", wrong_dtype)
     try:
         with pytest.raises(InferenceError, match=r"'digits'.*(FP64|dtype|data-type|datatype)"):
             sender.send(0)
     finally:
         sender.close()
-    missing = bench_wire.open_sender(protocol, url_of(triton_server, protocol), "no-such-model", inputs)
+    missing = senders.open_sender(protocol, url_of(triton_server, protocol), "no-such-model", inputs)
     try:
         with pytest.raises(InferenceError, match="no-such-model"):
             missing.send(0)
@@ -100,17 +101,17 @@ def test_a_bad_request_gives_the_servers_message(triton_server, digits, protocol
 
 def test_inputs_and_urls_are_checked_before_anything_is_sent():
     with pytest.raises(ValueError, match="inputs"):
-        bench_wire.open_sender("grpc", "127.0.0.1:1", "m", [])
+        senders.open_sender("grpc", "127.0.0.1:1", "m", [])
     with pytest.raises(ValueError, match="host:port"):
-        bench_wire.open_sender("http", "no-port-here", "m", [{"x": np.ones(1, np.float32)}])
+        senders.open_sender("http", "no-port-here", "m", [{"x": np.ones(1, np.float32)}])
     with pytest.raises(ValueError, match="protocol"):
-        bench_wire.open_sender("udp", "127.0.0.1:1", "m", [{"x": np.ones(1, np.float32)}])  # type: ignore[arg-type]
+        senders.open_sender("udp", "127.0.0.1:1", "m", [{"x": np.ones(1, np.float32)}])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_stopped_server_gives_a_clear_error_quickly(private_server, digits, protocol):
     url = url_of(private_server, protocol)
-    sender = bench_wire.open_sender(protocol, url, "digits", digits[1], timeout_s=2.0)
+    sender = senders.open_sender(protocol, url, "digits", digits[1], timeout_s=2.0)
     try:
         sender.send(0)  # connected and answering
         triton.stop(private_server.pid)
@@ -124,7 +125,7 @@ def test_a_stopped_server_gives_a_clear_error_quickly(private_server, digits, pr
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_frozen_server_gives_a_clear_error_after_the_timeout(private_server, digits, protocol):
-    sender = bench_wire.open_sender(protocol, url_of(private_server, protocol), "digits", digits[1], timeout_s=1.0)
+    sender = senders.open_sender(protocol, url_of(private_server, protocol), "digits", digits[1], timeout_s=1.0)
     try:
         sender.send(0)
         freeze(private_server.pid)  # alive, connected, and silent: the case a deadline is for

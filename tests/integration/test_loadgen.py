@@ -10,7 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from core.errors import InferenceError, ServerError
-from serving import client, loadgen, triton
+from bench import loadgen
+from serving import client, triton
 from tests.conftest import serve_tiny_digits
 
 pytestmark = pytest.mark.integration

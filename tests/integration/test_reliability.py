@@ -23,7 +23,7 @@ from export.onnx_export import ExportConfig, export_onnx
 from serving import client, repository, triton
 from serving.repository import ServingConfig
 from tests.conftest import TINY_GPT
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 pytestmark = pytest.mark.integration
 

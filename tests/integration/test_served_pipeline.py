@@ -8,7 +8,7 @@ import pytest
 from core.errors import InferenceError
 import json
 
-from flows.bench import BenchmarkOptions, run_benchmark
+from bench.stage import BenchmarkOptions, run_benchmark
 from flows.params import parse_params
 from flows.pipeline import run_pipeline
 from serving import client, repository

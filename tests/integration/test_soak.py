@@ -11,9 +11,9 @@ from export.onnx_export import ExportConfig, export_onnx
 from serving import client, repository, triton
 from serving.check import ort_session
 from serving.repository import ServingConfig
-from serving.soak import soak
+from bench.soak import soak
 from tests.conftest import TINY_GPT
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 pytestmark = pytest.mark.integration
 

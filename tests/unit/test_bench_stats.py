@@ -8,8 +8,8 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from core.errors import InferenceError
-from serving.bench_wire import HttpSender, decode_answer
-from serving.loadgen import PERCENTILES, LoadSettings, Window, _merge, percentile_ci
+from bench.senders import HttpSender, decode_answer
+from bench.loadgen import PERCENTILES, LoadSettings, Window, _merge, percentile_ci
 
 SETTINGS = LoadSettings(stability=0.1)
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from core.energy import Energy, EnergyMeter, NvmlReader, RaplReader, estimate
+from accounting.energy import Energy, EnergyMeter, NvmlReader, RaplReader, estimate
 
 
 def fake_rapl(root: Path, packages: dict[str, tuple[int, int]]) -> Path:

@@ -9,7 +9,7 @@ import torch
 from core.errors import VerificationError
 from export.onnx_export import ExportConfig, export_onnx, verify_onnx
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 import torch
 
 from tests.conftest import TINY_GPT
-from training.flops import count_flops, inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
-from training.recipes import build_recipe
+from accounting.flops import count_flops, inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
+from recipes import build_recipe
 
 
 def test_linear_stack_counts_exactly_the_closed_form():

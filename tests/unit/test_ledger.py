@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from core.energy import Energy
-from core.ledger import Entry, Ledger, Prices, payback_inferences, plot_costs, render_markdown
+from accounting.energy import Energy
+from accounting.ledger import Entry, Ledger, Prices, payback_inferences, plot_costs, render_markdown
 
 
 class StubMeter:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from serving.loadgen import LoadPoint, Window, best_rate_under, is_stable, percentile_ci
+from bench.loadgen import LoadPoint, Window, best_rate_under, is_stable, percentile_ci
 
 
 def window(throughput: float, p50: float) -> Window:

@@ -21,7 +21,7 @@ from serving.native_repository import (EngineMismatch, EngineTarget, check_engin
                                        plan_config, validate, write_native_version)
 from serving.repository import ServingConfig, config_text, parse_config
 from tests.conftest import TINY_GPT
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 SERVING = ServingConfig(max_batch_size=8)
 H100_TRT = EngineTarget(tensorrt_version="10.3.0.26", compute_capabilities=("9.0",))

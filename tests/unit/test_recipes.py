@@ -7,8 +7,8 @@ import pytest
 
 from core.errors import ConfigError, RecipeError
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from training.recipes import build_recipe
-from training.recipes.stdlib_gpt import read_stdlib_text, StdlibGptOptions
+from recipes import build_recipe
+from recipes.stdlib_gpt import read_stdlib_text, StdlibGptOptions
 
 
 def test_digits_split_is_deterministic_and_disjoint():
@@ -64,7 +64,7 @@ def test_unknown_recipe_lists_the_known_ones():
 
 def test_user_recipe_from_module_attribute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "my_recipes.py").write_text(textwrap.dedent("""
-        from training.recipes.digits_cnn import DigitsCnnRecipe
+        from recipes.digits_cnn import DigitsCnnRecipe
 
         class SmallDigits(DigitsCnnRecipe):
             name = "small-digits"

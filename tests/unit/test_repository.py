@@ -10,7 +10,7 @@ from export.onnx_export import ExportConfig, export_onnx
 from serving import repository
 from serving.repository import ServingConfig, parse_config, verify_version, write_version
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 
 @pytest.fixture(scope="module")

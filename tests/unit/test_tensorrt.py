@@ -19,13 +19,13 @@ import pytest
 from core.files import sha256_file
 from core.results import Status
 from export.onnx_export import ExportConfig, export_onnx
-from export.runtimes import open_session
+from core.runtimes import open_session
 from export.tensorrt_build import configure, network_flags
 from export.trt_engine import (EngineConfig, EngineTolerance, build, build_in_child, compare_outputs, engine_source, judge,
                                onnx_profile_problems, profile_shapes, run_stage, trtexec_command, unavailable_reason)
 from export.variants import PrecisionConfig
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 

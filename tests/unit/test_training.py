@@ -7,7 +7,7 @@ from core.errors import TrainingError
 from tests.conftest import TINY_DIGITS
 from training import loop
 from training.loop import CHECKPOINT, TrainingConfig, load_trained, train
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 
 def tiny(**overrides) -> TrainingConfig:

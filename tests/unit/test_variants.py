@@ -6,11 +6,11 @@ import torch
 
 from export.onnx_export import ExportConfig, export_onnx
 from export.quantize import build_int8_static, quantized_nodes
-from export.runtimes import openvino_has_bf16
+from core.runtimes import openvino_has_bf16
 from export.variants import PrecisionConfig, VariantReport, build_and_score, select
 from tests.conftest import TINY_DIGITS, TINY_GPT
 from training.loop import TrainingConfig, load_trained, train
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 FAST = {"calibration_samples": 32, "score_samples": 128, "speed_repeats": 3}
 

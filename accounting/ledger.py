@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.energy import DEFAULT_WATTS_PER_CORE, Energy, EnergyMeter
+from accounting.energy import DEFAULT_WATTS_PER_CORE, Energy, EnergyMeter
 from core.files import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 
 from core.errors import InferenceError, ServerError
-from serving.bench_wire import open_sender
+from bench.senders import open_sender
 from serving.client import connect
 
 Protocol = Literal["http", "grpc"]
@@ -166,7 +166,7 @@ class _Recorder:
 
 def _closed_loop(url, protocol, model, inputs, concurrency, settings, recorder, stop) -> list[threading.Thread]:
     def worker(offset: int) -> None:
-        try:  # requests serialized once (serving/bench_wire.py): the loop measures the server, not the client
+        try:  # requests serialized once (bench/senders.py): the loop measures the server, not the client
             sender = open_sender(protocol, url, model, inputs, settings.timeout_s)
         except (InferenceError, ValueError) as error:
             recorder.add(None, str(error))

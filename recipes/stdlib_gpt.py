@@ -19,7 +19,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.nn import functional as F
 
-from training.recipes.base import Batch, Recipe, RecipeOptions, TensorSpec
+from recipes.base import Batch, Recipe, RecipeOptions, TensorSpec
 
 VOCAB_SIZE = 256  # bytes
 

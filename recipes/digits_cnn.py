@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from training.recipes.base import Batch, Recipe, RecipeOptions, TensorSpec
+from recipes.base import Batch, Recipe, RecipeOptions, TensorSpec
 
 _SPLIT_SEED = 20240607  # fixed: the split must not move when the training seed does
 

@@ -19,12 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from core import paths
 from core.errors import TesError
 from core.results import new_run_id
-from export.runtimes import open_session
+from core.runtimes import open_session
 from export.variants import measure_speed
 from flows import stack
-from serving import bench_output, client, loadgen, repository, system
+from bench import loadgen, output, system
+from serving import client, repository
 from training.loop import load_trained
-from training.recipes import Recipe, build_recipe
+from recipes import Recipe, build_recipe
 
 SHORT = {"concurrencies": (1, 4), "rates": (), "window_s": 1.0, "max_windows": 4}
 THOROUGH = {"concurrencies": (1, 2, 4, 8, 16, 32), "rates": (25, 50, 100, 200, 400), "window_s": 3.0, "max_windows": 10}
@@ -147,7 +148,7 @@ def run_benchmark(model: str, options: BenchmarkOptions, *, http_url: str | None
         if options.apply_best:
             extra["applied"] = _apply_best(repo, version_dir, extra["config_sweep"][0], http_url, admin_key)
     extra["notes"] = "\n\n".join(notes)
-    outputs = bench_output.write_all(out_dir, points, base, system.describe(http_url), extra)
+    outputs = output.write_all(out_dir, points, base, system.describe(http_url), extra)
     return {"outputs": outputs, "points": [p.to_dict() for p in points], "baselines": base, **extra}
 
 

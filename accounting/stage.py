@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from core.energy import Energy
-from core.ledger import Entry, Ledger, payback_inferences, plot_costs, render_markdown
-from core.peaks import cpu_peak_flops, gpu_peak_flops, measured_matmul_flops
+from accounting.energy import Energy
+from accounting.ledger import Entry, Ledger, payback_inferences, plot_costs, render_markdown
+from accounting.peaks import cpu_peak_flops, gpu_peak_flops, measured_matmul_flops
 from core.results import StageResult
 from flows.params import PipelineParams
-from training.flops import inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
-from training.recipes import Recipe
+from accounting.flops import inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
+from recipes import Recipe
 
 
 def measured(ledger: Ledger, call: Callable, device: str) -> Callable:

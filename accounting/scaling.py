@@ -12,9 +12,9 @@ from typing import Callable
 from core import paths
 from core.files import atomic_write, atomic_write_json
 from core.results import new_run_id
-from training.flops import six_n_d, tokens_per_step, training_step_flops
+from accounting.flops import six_n_d, tokens_per_step, training_step_flops
 from training.loop import TrainingConfig, train
-from training.recipes import build_recipe
+from recipes import build_recipe
 
 
 def scaling_sweep(widths: list[int], steps: int, layers: int = 2, out_dir: Path | None = None,

@@ -1,6 +1,6 @@
 """Soak: steady load for a while, every response checked against its expected output, server memory sampled.
 
-    from serving.soak import soak
+    from bench.soak import soak
     report = soak(server.grpc_url, "grpc", "stdlib-gpt", cases, seconds=180, concurrency=4, server_pid=server.pid)
 """
 

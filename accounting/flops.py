@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from training.recipes import Recipe
+from recipes import Recipe
 
 
 def count_flops(work) -> int:

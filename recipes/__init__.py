@@ -8,9 +8,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.errors import ConfigError, RecipeError
-from training.recipes.base import Batch, Recipe, RecipeOptions, TensorSpec
-from training.recipes.digits_cnn import DigitsCnnOptions, DigitsCnnRecipe
-from training.recipes.stdlib_gpt import StdlibGptOptions, StdlibGptRecipe
+from recipes.base import Batch, Recipe, RecipeOptions, TensorSpec
+from recipes.digits_cnn import DigitsCnnOptions, DigitsCnnRecipe
+from recipes.stdlib_gpt import StdlibGptOptions, StdlibGptRecipe
 
 BUILTIN_RECIPES: dict[str, type[Recipe]] = {
     StdlibGptRecipe.name: StdlibGptRecipe,

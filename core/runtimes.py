@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from export.quantize import VariantSkipped
+from core.errors import VariantSkipped
 
 Runtime = Literal["onnxruntime", "openvino"]
 

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from core.files import atomic_write, atomic_write_json, atomic_write_text
-from serving.loadgen import PERCENTILES, STAT_PARTS, LoadPoint
+from bench.loadgen import PERCENTILES, STAT_PARTS, LoadPoint
 
 CSV_COLUMNS = ["model", "protocol", "mode", "load", "requests", "errors", "throughput",
                *[f"p{q}_ms" for q in PERCENTILES], "mean_ms", *[f"p{q}_ci_low_ms" for q in PERCENTILES],
