@@ -1,7 +1,7 @@
 """The scaling view: train a few stdlib-gpt sizes briefly and plot validation bits per byte against training FLOPs.
 
     tes scaling                                   # 3 sizes, 150 steps each (about 2 minutes on 2 CPU cores)
-    tes scaling --widths 32 64 128 256 --steps 300
+    tes scaling --widths 32,64,128,256 --steps 300
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ def scaling_sweep(widths: list[int], steps: int, layers: int = 2, out_dir: Path 
         config = TrainingConfig(steps=steps, eval_every=10**6, resume=False)
         result = train(recipe, config, out_dir / f"width-{width}", progress=False)
         model = recipe.build_model()
-        flops = training_step_flops(recipe, model, config.batch_size) * result.outputs["steps"]
-        rule = six_n_d(model, tokens_per_step(recipe, config.batch_size) * result.outputs["steps"])
-        point = {"n_layer": layers, "n_embd": width, "parameters": result.outputs["parameters"], "steps": result.outputs["steps"],
+        trained = result.output
+        flops = training_step_flops(recipe, model, config.batch_size) * trained.steps
+        rule = six_n_d(model, tokens_per_step(recipe, config.batch_size) * trained.steps)
+        point = {"n_layer": layers, "n_embd": width, "parameters": trained.parameters, "steps": trained.steps,
                  "training_flops": flops, "six_n_d": rule, "seconds": result.seconds,
-                 "bits_per_byte": result.outputs["validation"]["bits_per_byte"],
-                 "next_byte_accuracy": result.outputs["validation"]["next_byte_accuracy"]}
+                 "bits_per_byte": trained.validation["bits_per_byte"], "next_byte_accuracy": trained.validation["next_byte_accuracy"]}
         points.append(point)
         say(f"width {width:4d}: {point['parameters']:>9,} parameters, {flops:.3g} training FLOPs, "
             f"{point['bits_per_byte']:.3f} bits/byte in {result.seconds:.0f} s")

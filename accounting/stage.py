@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from accounting.energy import Energy
+from accounting.flops import inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
 from accounting.ledger import Entry, Ledger, payback_inferences, plot_costs, render_markdown
 from accounting.peaks import cpu_peak_flops, gpu_peak_flops, measured_matmul_flops
+from bench.stage import BenchmarkOutput
+from core.files import atomic_write_json
 from core.results import StageResult
-from flows.params import PipelineParams
-from accounting.flops import inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
+from export.variants import PrecisionOutput
 from recipes import Recipe
+from training.loop import TrainOutput
 
 
 def measured(ledger: Ledger, call: Callable, device: str) -> Callable:
@@ -44,44 +47,46 @@ def _entry(ledger: Ledger, stage: str) -> Entry | None:
     return next((e for e in ledger.entries if e.stage == stage), None)
 
 
-def enrich(ledger: Ledger, recipe: Recipe, params: PipelineParams, results: dict[str, StageResult]) -> dict[str, Any]:
-    """FLOPs, peaks, serving energy and pay-back; returns the extra figures kept beside the entries."""
+def enrich(ledger: Ledger, recipe: Recipe, batch_size: int, train: StageResult[TrainOutput] | None,
+           precision: StageResult[PrecisionOutput] | None, bench: StageResult[BenchmarkOutput] | None) -> dict[str, Any]:
+    """FLOPs (training at `batch_size` samples per step), peaks, serving energy and pay-back; returns the extra
+    figures kept beside the entries."""
     extra: dict[str, Any] = {"matmul_fp32_flops_per_s_measured": measured_matmul_flops()}
     model = recipe.build_model()  # FLOPs do not depend on the weights
     per_sample = inference_flops_per_sample(recipe, model)
     extra["inference_flops_per_sample"] = per_sample
-    train, entry = results.get("train"), _entry(ledger, "train")
-    if train and entry and not train.reason.startswith("cached"):
-        steps = train.outputs["steps"]
-        entry.flops = training_step_flops(recipe, model, params.training.batch_size) * steps
+    entry = _entry(ledger, "train")
+    if train and train.output and entry and not train.reason.startswith("cached"):
+        steps = train.output.steps
+        entry.flops = training_step_flops(recipe, model, batch_size) * steps
         entry.flops_method = f"torch FlopCounterMode on one real step x {steps} steps (validation passes not counted)"
         if recipe.name == "stdlib-gpt":
-            rule = six_n_d(model, tokens_per_step(recipe, params.training.batch_size) * steps)
+            rule = six_n_d(model, tokens_per_step(recipe, batch_size) * steps)
             entry.notes.append(f"6·N·D rule of thumb: {rule:.3g} FLOPs (counted / rule = {entry.flops / rule:.3f})")
-        device, bf16 = train.outputs["device"], train.outputs["autocast_bf16"]
+        device, bf16 = train.output.device, train.output.autocast_bf16
         entry.peak_flops_per_s, entry.peak_method = (gpu_peak_flops(_gpu_name(), "bf16" if bf16 else "fp32") if device.startswith("cuda")
                                                      else cpu_peak_flops("fp32"))
-    _per_variant(ledger, results.get("precision"), per_sample)
-    extra["serving"] = _serving(ledger, results.get("benchmark"), per_sample)
-    extra["payback"] = _payback(ledger, results.get("precision"))
+    _per_variant(ledger, precision, per_sample)
+    extra["serving"] = _serving(ledger, bench, per_sample)
+    extra["payback"] = _payback(ledger, precision)
     return extra
 
 
-def _per_variant(ledger: Ledger, precision: StageResult | None, flops_per_sample: int) -> None:
+def _per_variant(ledger: Ledger, precision: StageResult[PrecisionOutput] | None, flops_per_sample: int) -> None:
     """One entry per precision variant: its share of the precision stage, split by the CPU time each one took
     (the stage's energy counters are read once, around the whole stage)."""
     entry = _entry(ledger, "precision")
-    if not precision or not entry or precision.reason.startswith("cached"):
+    if not precision or not precision.output or not entry or precision.reason.startswith("cached"):
         return
-    variants = precision.outputs["variants"]
-    total_cpu = sum(v.get("build_cpu_seconds", 0.0) for v in variants) or 1.0
+    variants = precision.output.variants
+    total_cpu = sum(v.build_cpu_seconds for v in variants) or 1.0
     for variant in variants:
-        share = variant.get("build_cpu_seconds", 0.0) / total_cpu
+        share = variant.build_cpu_seconds / total_cpu
         energy = {name: Energy(e.kind, e.joules * share if e.joules is not None else None,
                                f"{share:.0%} of the precision stage's energy ({e.method})") for name, e in entry.energy.items()}
-        ledger.add(Entry(stage=f"precision:{variant['name']}", device=entry.device, wall_s=variant.get("build_seconds", 0.0),
-                         peak_host_mb=entry.peak_host_mb, busy_cores=variant.get("build_cpu_seconds", 0.0) / max(variant.get("build_seconds", 0.0), 1e-9),
-                         energy=energy, notes=[f"{variant['status']}; inference {flops_per_sample:.3g} FLOPs per sample (the same graph; "
+        ledger.add(Entry(stage=f"precision:{variant.name}", device=entry.device, wall_s=variant.build_seconds,
+                         peak_host_mb=entry.peak_host_mb, busy_cores=variant.build_cpu_seconds / max(variant.build_seconds, 1e-9),
+                         energy=energy, notes=[f"{variant.status}; inference {flops_per_sample:.3g} FLOPs per sample (the same graph; "
                                                     "precision changes the arithmetic's width, not its count); peak memory is the stage's"]))
 
 
@@ -91,63 +96,61 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
 
 
-def _serving(ledger: Ledger, bench: StageResult | None, flops_per_inference: int) -> list[dict]:
+def _serving(ledger: Ledger, bench: StageResult[BenchmarkOutput] | None, flops_per_inference: int) -> list[dict]:
     """Joules per inference at each load point. Measured counters: the benchmark stage's average power over the
     throughput. Otherwise the declared watts per busy core times the cores the client and (when it is local) the
     server kept busy at that point, over the throughput; labelled estimated."""
     entry = _entry(ledger, "benchmark")
-    if not bench or bench.status.value != "ok" or not entry:
+    if not bench or not bench.ok or not bench.output or not entry:
         return []
     measured = entry.energy_kind == "measured" and entry.joules
     rows = []
-    for point in bench.outputs["points"]:
-        if point["throughput"] <= 0:
+    for point in bench.output.points:
+        if point.throughput <= 0:
             continue
         if measured:
             watts, method = entry.joules / entry.wall_s, "measured: the benchmark stage's average power"
         else:
-            cores = point["client_cpu_cores"] + (point.get("server_cpu_cores") or 0.0)
+            cores = point.client_cpu_cores + (point.server_cpu_cores or 0.0)
             watts = ledger.prices.cpu_watts_per_busy_core * cores
             method = (f"estimated: {ledger.prices.cpu_watts_per_busy_core} W per busy core x {cores:.2f} cores "
-                      f"({'client + server' if point.get('server_cpu_cores') is not None else 'client only: server not local'})")
-        joules = watts / point["throughput"]
-        rows.append({"protocol": point["protocol"], "mode": point["mode"], "load": point["load"], "energy_kind": "measured" if measured else "estimated",
+                      f"({'client + server' if point.server_cpu_cores is not None else 'client only: server not local'})")
+        joules = watts / point.throughput
+        rows.append({"protocol": point.protocol, "mode": point.mode, "load": point.load, "energy_kind": "measured" if measured else "estimated",
                      "method": method, "joules_per_inference": joules, "inferences_per_joule": 1 / joules if joules else None,
-                     "p50_ms_per_gflop": point["latency_ms"].get("p50", 0) / (flops_per_inference / 1e9)})
+                     "p50_ms_per_gflop": point.latency_ms.get("p50", 0) / (flops_per_inference / 1e9)})
     return rows
 
 
-def _payback(ledger: Ledger, precision: StageResult | None) -> list[dict]:
+def _payback(ledger: Ledger, precision: StageResult[PrecisionOutput] | None) -> list[dict]:
     """Inferences needed for each variant's per-inference saving to repay the energy its build took (its own
     ledger entry). Per-inference energy: the precision stage's average power over the variant's in-process
     throughput at the speed-gate batch."""
     entry = _entry(ledger, "precision")
-    if not precision or not entry or not entry.joules:
+    if not precision or not precision.output or not entry or not entry.joules:
         return []
-    variants = [v for v in precision.outputs["variants"] if v["throughput_per_s"] > 0]
-    fp32 = next((v for v in variants if v["name"] == "fp32"), None)
+    variants = [v for v in precision.output.variants if v.throughput_per_s > 0]
+    fp32 = next((v for v in variants if v.name == "fp32"), None)
     if not fp32:
         return []
     watts = entry.joules / entry.wall_s
     rows = []
-    for variant in (v for v in variants if v["name"] != "fp32"):
-        own = _entry(ledger, f"precision:{variant['name']}")
+    for variant in (v for v in variants if v.name != "fp32"):
+        own = _entry(ledger, f"precision:{variant.name}")
         build = own.joules if own and own.joules is not None else 0.0
-        per_inference, baseline = watts / variant["throughput_per_s"], watts / fp32["throughput_per_s"]
-        rows.append({"variant": variant["name"], "build_joules": build, "energy_kind": entry.energy_kind,
+        per_inference, baseline = watts / variant.throughput_per_s, watts / fp32.throughput_per_s
+        rows.append({"variant": variant.name, "build_joules": build, "energy_kind": entry.energy_kind,
                      "joules_per_inference": per_inference, "fp32_joules_per_inference": baseline,
                      "payback_inferences": payback_inferences(build, baseline, per_inference)})
     return rows
 
 
-def write(ledger: Ledger, extra: dict[str, Any], folder: Path) -> tuple[dict[str, str], str]:
+def write(ledger: Ledger, extra: dict[str, Any], json_path: Path, plot_path: Path) -> tuple[dict[str, str], str]:
+    """`ledger.json` and its plot; returns their paths and the ledger as markdown."""
     data = {**ledger.to_dict(), **extra}
-    ledger_path = folder / "ledger.json"
-    from core.files import atomic_write_json
-
-    atomic_write_json(ledger_path, data)
-    plot_path = plot_costs(folder / "ledger.png", data)
-    return {"json": str(ledger_path), "plot": str(plot_path)}, render_ledger(data)
+    atomic_write_json(json_path, data)
+    plot_costs(plot_path, data)
+    return {"json": str(json_path), "plot": str(plot_path)}, render_ledger(data)
 
 
 def render_ledger(data: dict[str, Any]) -> str:

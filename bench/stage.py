@@ -1,9 +1,11 @@
-"""The serving benchmark of a deployed model: in-process baselines, sweeps over HTTP and gRPC, a small server
-configuration sweep, and the outputs (JSON, CSV, markdown, PNG).
+"""The benchmark stage: in-process baselines, load sweeps over HTTP and gRPC, a small server configuration sweep,
+and the outputs (JSON, CSV, markdown, PNG) of a deployed model on any Triton.
 
     tes bench stdlib-gpt                      # short sweep against the stack's Triton
     tes bench stdlib-gpt --thorough --sweep-configs --apply-best
     prefect deployment run 'benchmark/default' --watch --param model=digits-cnn
+
+The caller resolves which Triton to measure (`serving.triton.Endpoint`) and passes it in.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import shutil
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from bench import loadgen, output, system
+from bench.loadgen import LoadPoint
 from core import paths
 from core.errors import TesError
-from core.results import new_run_id
-from core.runtimes import open_session
-from export.variants import measure_speed
-from flows import stack
-from bench import loadgen, output, system
-from serving import client, repository
-from training.loop import load_trained
+from core.results import Artifact, RunDir, StageOutput, StageResult, Status, new_run_id, timed
+from core.runtimes import measure_speed, open_session
 from recipes import Recipe, build_recipe
+from recipes.evaluation import load_trained, torch_predictor
+from serving import client, repository
+from serving.repository import ServingConfig
+from serving.triton import Endpoint
 
 SHORT = {"concurrencies": (1, 4), "rates": (), "window_s": 1.0, "max_windows": 4}
 THOROUGH = {"concurrencies": (1, 2, 4, 8, 16, 32), "rates": (25, 50, 100, 200, 400), "window_s": 3.0, "max_windows": 10}
@@ -38,8 +41,8 @@ class BenchmarkOptions(BaseModel):
     enabled: bool = Field(True, description="run the benchmark as the pipeline's last stage")
     thorough: bool = Field(False, description="long sweep (6 concurrencies, 5 Poisson rates, 3 s windows) instead of the short one")
     protocols: tuple[Literal["grpc", "http"], ...] = ("grpc", "http")
-    concurrencies: tuple[int, ...] | None = Field(None, description="None: 1,4 (short) or 1..32 (thorough)")
-    rates: tuple[float, ...] | None = Field(None, description="Poisson request rates per second; None: by thoroughness")
+    concurrencies: tuple[PositiveInt, ...] | None = Field(None, description="None: 1,4 (short) or 1..32 (thorough)")
+    rates: tuple[PositiveFloat, ...] | None = Field(None, description="Poisson request rates per second; None: by thoroughness")
     p99_budget_ms: float = Field(50.0, gt=0, description="the open-loop result is the highest rate whose p99 stays under this")
     stability: float = Field(0.10, gt=0, le=1)
     samples: int = Field(64, ge=1, description="held-out samples the load cycles through")
@@ -49,128 +52,143 @@ class BenchmarkOptions(BaseModel):
 
 def _model_recipe(repo: Path, model: str) -> tuple[Recipe, dict, Path]:
     """The recipe, provenance and version folder behind `model` (an alias is followed to its target)."""
-    folder = repository.model_dir(repo, model)
-    numbers = repository.versions(folder)
-    if not numbers:
-        raise TesError(f"model '{model}' has no version in {repo}; deploy it first (tes run / tes demo)")
-    target = repository.alias_target(repo, model)
-    version_dir = repository.model_dir(repo, target) / str(repository.versions(repository.model_dir(repo, target))[-1]) if target \
-        else folder / str(numbers[-1])
-    provenance = json.loads((version_dir / repository.VERSION_MANIFEST).read_text())["provenance"]
+    provenance, version_dir = repository.newest_provenance(repo, model)
     return build_recipe(provenance["recipe"], provenance.get("options", {})), provenance, version_dir
 
 
+class Baseline(StageOutput):
+    model: str
+    runtime: str
+    latency_p50_ms: float  # batch 1
+    throughput_per_s: float  # samples/s at `batch`
+    batch: int
+
+
+class BenchmarkOutput(StageOutput):
+    outputs: dict[str, str]  # kind (json, csv, markdown, plot) -> path
+    points: tuple[LoadPoint, ...]
+    baselines: tuple[Baseline, ...]
+    best_rate_under_budget: LoadPoint | None = None
+    config_sweep: tuple[dict, ...] = ()
+    applied: dict | None = None  # the configuration written as the model's next version (--apply-best)
+
+
 class _TorchRunner:
+    """torch eager with ONNX Runtime's `run` signature, for `measure_speed`."""
+
     def __init__(self, model, recipe: Recipe):
-        self._model, self._names = model, [spec.name for spec in recipe.inputs]
+        self._predict = torch_predictor(model, recipe)
 
     def run(self, _names, feeds):
-        import torch
-
-        with torch.no_grad():
-            return [self._model(*(torch.from_numpy(feeds[n]) for n in self._names)).numpy()]
+        return [self._predict(feeds)]
 
 
-def baselines(recipe: Recipe, provenance: dict, version_dir: Path, batch: int = 8) -> list[dict]:
+def baselines(recipe: Recipe, provenance: dict, version_dir: Path, config: ServingConfig, batch: int = 8) -> list[Baseline]:
     """In-process latency (batch 1) and throughput (batch `batch`) of the served file and of torch eager."""
-    config = repository.serving_config_of(repository.parse_config((version_dir.parent / "config.pbtxt").read_text()))
     sessions = {config.runtime + (f" {config.runtime_precision}" if config.runtime_precision else ""):
                 open_session(version_dir / "model.onnx", config.runtime, config.runtime_precision or None)}
-    weights = Path(provenance.get("run_dir", "")) / "train" / "model.pt"
-    if weights.is_file():
+    weights = RunDir(provenance["run_dir"], create=False).weights if Path(provenance.get("run_dir", "")).is_dir() else None
+    if weights is not None and weights.is_file():
         sessions["torch eager fp32"] = _TorchRunner(load_trained(recipe, weights), recipe)
     inputs = recipe.example_inputs(batch)
     single = {name: array[:1] for name, array in inputs.items()}
     measured = measure_speed(sessions, single, inputs, repeats=30)
-    return [{"model": version_dir.parent.name, "runtime": name, "latency_p50_ms": latency, "throughput_per_s": throughput, "batch": batch}
+    return [Baseline(model=version_dir.parent.name, runtime=name, latency_p50_ms=latency, throughput_per_s=throughput, batch=batch)
             for name, (latency, throughput) in measured.items()]
 
 
-def config_sweep(repo: Path, model: str, version_dir: Path, url: str, grpc_url: str, inputs: list, admin_key: str | None,
+def config_sweep(repo: Path, model: str, version_dir: Path, base: ServingConfig, endpoint: Endpoint, inputs: list,
                  settings: loadgen.LoadSettings, concurrency: int = 16) -> list[dict]:
     """Throughput at `concurrency` for each server configuration, on a scratch copy `<model>-sweep` that is removed after."""
-    base = repository.serving_config_of(repository.parse_config((version_dir.parent / "config.pbtxt").read_text()))
     scratch, results = f"{model}-sweep", []
     try:
         for batching, delay, instances in CONFIG_GRID:
             trial = dataclasses.replace(base, dynamic_batching=batching, max_queue_delay_microseconds=delay, instance_count=instances)
             repository.write_version(repo, scratch, version_dir / "model.onnx", trial)
-            client.load_model(url, scratch, admin_key=admin_key)
-            point = loadgen.measure(grpc_url, "grpc", scratch, inputs, concurrency=concurrency, settings=settings)
+            client.load_model(endpoint.http, scratch, admin_key=endpoint.admin_key)
+            point = loadgen.measure(endpoint.grpc, "grpc", scratch, inputs, concurrency=concurrency, settings=settings)
             results.append({"dynamic_batching": batching, "max_queue_delay_microseconds": delay, "instance_count": instances,
                             "throughput": point.throughput, "p99_ms": point.latency_ms.get("p99"), "stable": point.stable})
     finally:
         try:
-            client.connect(url, "http").unload_model(scratch, headers=client.admin_headers(admin_key))
+            client.connect(endpoint.http, "http").unload_model(scratch, headers=client.admin_headers(endpoint.admin_key))
         except Exception:  # best effort: the folder goes either way
             pass
         shutil.rmtree(repository.model_dir(repo, scratch), ignore_errors=True)
     return sorted(results, key=lambda r: -r["throughput"])
 
 
-def run_benchmark(model: str, options: BenchmarkOptions, *, http_url: str | None = None, grpc_url: str | None = None,
-                  admin_key: str | None = None, repository_path: str = "model_repository", out_dir: Path | None = None,
-                  progress: Callable[[str], None] = print) -> dict:
-    """Benchmark `model` on the stack's Triton (or the given URLs); returns the summary with the output paths."""
-    http_url = http_url or stack.triton_url("http")
-    grpc_url = grpc_url or (stack.triton_url("grpc") if not http_url or http_url == stack.triton_url("http") else None)
-    if not http_url:
-        raise TesError("no Triton to benchmark: start the stack with `tes up`, or pass its URL")
-    admin_key = admin_key or stack.triton_admin_key()
+def run_benchmark(model: str, options: BenchmarkOptions, endpoint: Endpoint, *, repository_path: str = "model_repository",
+                  out_dir: Path | None = None, progress: Callable[[str], None] = print) -> BenchmarkOutput:
+    """Benchmark `model` on the Triton at `endpoint`; returns the figures and the paths of the files written."""
     repo = paths.resolve(repository_path)
     recipe, provenance, version_dir = _model_recipe(repo, model)
+    config = repository.serving_config_of(repository.read_config(repo, version_dir.parent.name))
     preset = THOROUGH if options.thorough else SHORT
     settings = loadgen.LoadSettings(window_s=preset["window_s"], warmup_s=min(2.0, preset["window_s"]),
                                     stability=options.stability, max_windows=preset["max_windows"])
     inputs = [batch.inputs for batch in recipe.eval_batches(1, options.samples)]
     out_dir = out_dir or paths.resolve("runs") / "benchmarks" / new_run_id(model)
     progress(f"in-process baselines of '{model}' ...")
-    base = baselines(recipe, provenance, version_dir)
-    urls = {"http": http_url, "grpc": grpc_url}
-    points: list[loadgen.LoadPoint] = []
-    for protocol in options.protocols:
-        if not urls.get(protocol):
-            progress(f"skipping {protocol}: no URL for it")
-            continue
-        points += loadgen.sweep(urls[protocol], protocol, model, inputs, settings=settings, server_pid=_local_server_pid(http_url),
-                                concurrencies=options.concurrencies or preset["concurrencies"], rates=options.rates or preset["rates"],
-                                progress=lambda p: progress(_one_line(p)))
-    extra: dict = {"model": model, "options": options.model_dump(mode="json")}
+    base = baselines(recipe, provenance, version_dir, config)
+    points = _sweeps(model, options, endpoint, inputs, settings, preset, progress)
     best = loadgen.best_rate_under(points, options.p99_budget_ms)
-    extra["best_rate_under_budget"] = best.to_dict() if best else None
     notes = [f"Highest Poisson rate with p99 <= {options.p99_budget_ms} ms: " + (f"{best.load:.0f}/s ({best.protocol})" if best else "none measured")]
-    if options.sweep_configs and grpc_url:
+    swept, applied = [], None
+    if options.sweep_configs and endpoint.grpc:
         progress("server configuration sweep ...")
-        extra["config_sweep"] = config_sweep(repo, model, version_dir, http_url, grpc_url, inputs, admin_key, settings)
+        swept = config_sweep(repo, model, version_dir, config, endpoint, inputs, settings)
         notes.append("Configuration sweep (gRPC, concurrency 16): " + "; ".join(
             f"batching={r['dynamic_batching']} delay={r['max_queue_delay_microseconds']}us instances={r['instance_count']}: "
-            f"{r['throughput']:.0f}/s" for r in extra["config_sweep"]))
+            f"{r['throughput']:.0f}/s" for r in swept))
         if options.apply_best:
-            extra["applied"] = _apply_best(repo, version_dir, extra["config_sweep"][0], http_url, admin_key)
-    extra["notes"] = "\n\n".join(notes)
-    outputs = output.write_all(out_dir, points, base, system.describe(http_url), extra)
-    return {"outputs": outputs, "points": [p.to_dict() for p in points], "baselines": base, **extra}
+            applied = _apply_best(repo, version_dir, config, swept[0], endpoint)
+    extra = {"model": model, "options": options.model_dump(mode="json"), "best_rate_under_budget": best.to_dict() if best else None,
+             "config_sweep": swept, "applied": applied, "notes": "\n\n".join(notes)}
+    files = output.write_all(out_dir, points, [b.model_dump() for b in base], system.describe(endpoint.http), extra)
+    return BenchmarkOutput(outputs=files, points=tuple(points), baselines=tuple(base), best_rate_under_budget=best,
+                           config_sweep=tuple(swept), applied=applied)
 
 
-def _local_server_pid(http_url: str) -> int | None:
-    """The pid of the stack's Triton when that is the server being measured (its CPU use goes in the ledger)."""
-    state = stack.read()
-    return state["triton"]["pid"] if state and http_url == stack.triton_url("http") else None
+def benchmark_stage(options: BenchmarkOptions, model: str, endpoint: Endpoint | None, not_loaded: str, repository_path: str,
+                    out_dir: Path, progress: Callable[[str], None]) -> StageResult[BenchmarkOutput]:
+    """The pipeline's benchmark of the plain model name (short by default); SKIPPED when it is off or nothing was
+    loaded (`not_loaded` says why)."""
+    if not options.enabled:
+        return StageResult.skipped("benchmark", "benchmark.enabled is false")
+    if endpoint is None:
+        return StageResult.skipped("benchmark", not_loaded or "model not loaded")
+    with timed() as clock:
+        result = run_benchmark(model, options, endpoint, repository_path=repository_path, out_dir=out_dir, progress=progress)
+    return StageResult(stage="benchmark", status=Status.OK, seconds=clock["seconds"],
+                       artifacts=tuple(Artifact.of(path) for path in result.outputs.values()), output=result)
 
 
-def _apply_best(repo: Path, version_dir: Path, best: dict, url: str, admin_key: str | None) -> dict:
+def _sweeps(model: str, options: BenchmarkOptions, endpoint: Endpoint, inputs: list, settings: loadgen.LoadSettings,
+            preset: dict, progress: Callable[[str], None]) -> list[LoadPoint]:
+    points: list[LoadPoint] = []
+    for protocol in options.protocols:
+        url = endpoint.urls.get(protocol)
+        if not url:
+            progress(f"skipping {protocol}: no URL for it")
+            continue
+        points += loadgen.sweep(url, protocol, model, inputs, settings=settings, server_pid=endpoint.server_pid,
+                                concurrencies=options.concurrencies or preset["concurrencies"], rates=options.rates or preset["rates"],
+                                progress=lambda p: progress(_one_line(p)))
+    return points
+
+
+def _apply_best(repo: Path, version_dir: Path, base: ServingConfig, best: dict, endpoint: Endpoint) -> dict:
     model = version_dir.parent.name
-    config = dataclasses.replace(repository.serving_config_of(repository.parse_config((version_dir.parent / "config.pbtxt").read_text())),
-                                 dynamic_batching=best["dynamic_batching"], max_queue_delay_microseconds=best["max_queue_delay_microseconds"],
+    config = dataclasses.replace(base, dynamic_batching=best["dynamic_batching"], max_queue_delay_microseconds=best["max_queue_delay_microseconds"],
                                  instance_count=best["instance_count"])
     written = repository.write_version(repo, model, version_dir / "model.onnx", config)
-    client.load_model(url, model, admin_key=admin_key)
+    client.load_model(endpoint.http, model, admin_key=endpoint.admin_key)
     return {"model": model, "version": written.version, **{k: best[k] for k in ("dynamic_batching", "max_queue_delay_microseconds", "instance_count")}}
 
 
-def _one_line(point: loadgen.LoadPoint) -> str:
+def _one_line(point: LoadPoint) -> str:
     load = f"concurrency {point.load:.0f}" if point.mode == "concurrency" else f"{point.load:.0f} req/s offered"
     flag = "" if point.stable else "  (unstable)"
     return (f"  {point.protocol:4s} {load:22s} {point.throughput:8.1f} req/s  p50 {point.latency_ms.get('p50', float('nan')):7.2f} ms"
             f"  p99 {point.latency_ms.get('p99', float('nan')):7.2f} ms{flag}")
-

@@ -5,7 +5,7 @@
 
 stdlib-gpt at its demo size, batch 8, context 128. Prints throughput (samples/s) of torch eager FP32, torch eager
 with bf16 autocast (AMX on CPUs that have it), and every ONNX Runtime variant, all timed round-robin on the same
-inputs, plus each variant's next-byte accuracy against FP32's. Goals (issue 3): best INT8 >= 2x FP32 ORT within
+inputs, plus each variant's next-byte accuracy against FP32's. Goals: best INT8 >= 2x FP32 ORT within
 1% relative accuracy; best deployable variant faster than torch eager bf16.
 """
 
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from core.runtimes import open_session  # noqa: E402
 from export.variants import PrecisionConfig, build_and_score  # noqa: E402
-from training.loop import TrainingConfig, load_trained, train  # noqa: E402
+from recipes.evaluation import load_trained  # noqa: E402
+from training.loop import TrainingConfig, train  # noqa: E402
 from recipes import build_recipe  # noqa: E402
 
 
@@ -71,9 +72,9 @@ def main() -> None:
 
     recipe = build_recipe("stdlib-gpt", {})  # the demo size: 4 layers, width 128, 4 heads, context 128
     work = Path(tempfile.mkdtemp(prefix="tes-precision-"))
-    weights = args.weights or train(recipe, TrainingConfig(steps=args.steps, resume=False), work / "train").outputs["weights"]
+    weights = args.weights or train(recipe, TrainingConfig(steps=args.steps, resume=False), work / "train").output.weights
     model = load_trained(recipe, weights)
-    onnx_path = export_onnx(recipe, model, work, ExportConfig()).outputs["onnx"]
+    onnx_path = export_onnx(recipe, model, work, ExportConfig()).output.onnx
     # the pipeline's own accuracy gate and retries (excluding drifting nodes), and no speed gate, so every variant is timed
     config = PrecisionConfig(min_speedup=0, calibration_method=args.calibration)
     reports = build_and_score(recipe, onnx_path, work / "variants", config)

@@ -13,7 +13,8 @@ import argparse
 from _common import serving, trained_onnx
 
 from bench import senders
-from serving.check import interleaved_p50, latency_probe, ort_session
+from core.runtimes import open_session
+from serving.check import interleaved_p50, latency_probe
 from serving.repository import ServingConfig
 
 
@@ -35,14 +36,14 @@ def main() -> None:
     args = parser.parse_args()
     recipe, onnx_path = trained_onnx("digits-cnn", steps=100)
     sample = recipe.example_inputs(1)
-    session = ort_session(onnx_path)
+    session = open_session(onnx_path)
     with serving({"digits-cnn": (onnx_path, ServingConfig(max_batch_size=64, max_queue_delay_microseconds=args.delay_us))}) as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             result = latency_probe(url, protocol, "digits-cnn", sample, session, requests=args.requests)
             lean = lean_probe(url, protocol, "digits-cnn", sample, session, args.requests)
-            print(f"{protocol:4s} c=1, {args.requests} requests, input {result['input_shapes']}: in-process ONNX Runtime p50 "
-                  f"{result['in_process_p50_ms']:.3f} ms | tritonclient: served p50 {result['served_p50_ms']:.3f} ms, overhead "
-                  f"{result['serving_overhead_p50_ms']:.3f} ms | lean sender: served p50 {lean['served_p50_ms']:.3f} ms, overhead "
+            print(f"{protocol:4s} c=1, {args.requests} requests, input {result.input_shapes}: in-process ONNX Runtime p50 "
+                  f"{result.in_process_p50_ms:.3f} ms | tritonclient: served p50 {result.served_p50_ms:.3f} ms, overhead "
+                  f"{result.serving_overhead_p50_ms:.3f} ms | lean sender: served p50 {lean['served_p50_ms']:.3f} ms, overhead "
                   f"{lean['serving_overhead_p50_ms']:.3f} ms | transport floor {lean['floor_ms']:.3f} ms", flush=True)
 
 

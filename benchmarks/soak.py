@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from serving import client, repository, triton  # noqa: E402
-from serving.check import ort_session  # noqa: E402
+from core.runtimes import open_session  # noqa: E402
 from serving.repository import ServingConfig  # noqa: E402
 from bench.soak import soak  # noqa: E402
 from recipes import build_recipe  # noqa: E402
@@ -38,8 +38,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tes-soak-"))
     recipe = build_recipe("stdlib-gpt", {})
     torch.manual_seed(0)
-    onnx_path = export_onnx(recipe, recipe.build_model(), work, ExportConfig()).outputs["onnx"]
-    session = ort_session(onnx_path)
+    onnx_path = export_onnx(recipe, recipe.build_model(), work, ExportConfig()).output.onnx
+    session = open_session(onnx_path)
     cases = [(b.inputs, session.run(None, b.inputs)[0]) for b in recipe.eval_batches(1, max_samples=64)]
     server = triton.start(work / "repo", work / "triton")
     try:

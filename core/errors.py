@@ -60,6 +60,11 @@ class ChecksumError(RepositoryError):
     """An artifact's sha256 does not match the one recorded when it was written."""
 
 
+class EngineMismatch(RepositoryError):
+    """A TensorRT engine built for another GPU architecture or TensorRT version than the Triton that will run it,
+    or one that cannot be rebuilt for it here."""
+
+
 class ServerError(TesError):
     """A server (Triton, Prefect) could not be started, reached or stopped."""
 

@@ -1,7 +1,9 @@
-"""Typed stage results and the run directory's manifest.
+"""Typed stage results and the run folder: where every stage writes, and the manifest that links it all.
 
-Every stage returns a `StageResult`: its status (ok / skipped / failed) with a reason, the artifacts it wrote
-with their sha256, its own outputs, and the seconds it took. The run directory keeps them in `manifest.json`.
+Every stage returns a `StageResult[Output]`: its status (ok / skipped / failed) with a reason, the artifacts it
+wrote with their sha256, the seconds it took, and its own frozen, typed output (a `StageOutput` subclass the
+stage defines). Results are serialized only where the run folder records them (`manifest.json`, `summary.json`).
+`RunDir` is the one owner of a run folder's layout: stages and tools ask it for paths instead of joining names.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import datetime as dt
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generic, Iterator, TypeVar
 
+from pydantic import BaseModel, ConfigDict
+
+from core import paths
+from core.errors import TesError
 from core.files import atomic_write_json, sha256_file
 
 
@@ -24,8 +29,9 @@ class Status(str, Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class Artifact:
+class Artifact(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     path: str
     sha256: str
     bytes: int
@@ -35,25 +41,41 @@ class Artifact:
         path = Path(path)
         return cls(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size)
 
+    def intact(self) -> bool:
+        """The file is still there with the sha256 recorded when it was written."""
+        path = Path(self.path)
+        return path.is_file() and sha256_file(path) == self.sha256
 
-@dataclass
-class StageResult:
+
+class StageOutput(BaseModel):
+    """Base of every stage's typed output: frozen, and unknown fields are refused when read back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Output = TypeVar("Output", bound=StageOutput)
+
+
+class StageResult(BaseModel, Generic[Output]):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     stage: str
     status: Status
     seconds: float = 0.0
     reason: str = ""
-    artifacts: list[Artifact] = field(default_factory=list)
-    outputs: dict[str, Any] = field(default_factory=dict)
+    artifacts: tuple[Artifact, ...] = ()
+    output: Output | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["status"] = self.status.value
-        return data
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "StageResult":
-        return cls(stage=data["stage"], status=Status(data["status"]), seconds=data["seconds"], reason=data["reason"],
-                   artifacts=[Artifact(**artifact) for artifact in data["artifacts"]], outputs=data["outputs"])
+    def skipped(cls, stage: str, reason: str) -> "StageResult":
+        return cls(stage=stage, status=Status.SKIPPED, reason=reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 @contextmanager
@@ -72,22 +94,73 @@ def new_run_id(prefix: str) -> str:
     return f"{stamp}-{prefix}"
 
 
-class RunDir:
-    """A run's folder: stage outputs live in subfolders, `manifest.json` links them all."""
+# File names inside a run folder. Stages write them through RunDir; tools that read a run (the native
+# repository export, the CLI) import them from here rather than spelling them again.
+WEIGHTS_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+ONNX_FILE = "model.onnx"
+VARIANTS_FILE = "variants.json"
 
-    def __init__(self, path: str | Path):
+
+class RunDir:
+    """A run's folder: one subfolder per stage, `manifest.json` (every stage's result as it finishes),
+    `summary.json` and `report.md` (when the run completed), and the ledger."""
+
+    STAGES = ("train", "export", "precision", "tensorrt", "benchmark")
+
+    def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_dir():
+            raise TesError(f"run folder {self.path} does not exist; `tes report` with no argument shows the last run")
         self.manifest_path = self.path / "manifest.json"
 
-    def stage_dir(self, stage: str) -> Path:
-        folder = self.path / stage
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    @property
+    def run_id(self) -> str:
+        return self.path.name
 
+    def stage_dir(self, stage: str) -> Path:
+        """Where `stage` writes; the stage creates it when it runs (a cached stage leaves no empty folder)."""
+        return self.path / stage
+
+    # --- the files each stage leaves ------------------------------------------------------------------------------
+    @property
+    def weights(self) -> Path:
+        return self.path / "train" / WEIGHTS_FILE
+
+    @property
+    def onnx(self) -> Path:
+        return self.path / "export" / ONNX_FILE
+
+    @property
+    def variants(self) -> Path:
+        return self.path / "precision" / VARIANTS_FILE
+
+    @property
+    def engines(self) -> Path:
+        return self.path / "tensorrt"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def ledger_json(self) -> Path:
+        return self.path / "ledger.json"
+
+    @property
+    def ledger_plot(self) -> Path:
+        return self.path / "ledger.png"
+
+    # --- the manifest ---------------------------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.exists():
-            return {"run_id": self.path.name, "stages": {}}
+            return {"run_id": self.run_id, "stages": {}}
         return json.loads(self.manifest_path.read_text(encoding="utf-8"))
 
     def update(self, **fields: Any) -> None:
@@ -99,3 +172,20 @@ class RunDir:
         manifest = self.read_manifest()
         manifest["stages"][result.stage] = result.to_dict()
         atomic_write_json(self.manifest_path, manifest)
+
+
+def last_run_pointer() -> Path:
+    return paths.state_dir() / "last-run.json"
+
+
+def find_run(run: str | Path | None = None) -> RunDir:
+    """A finished run's folder: the one given, or the last run of this project home."""
+    if run is None:
+        pointer = last_run_pointer()
+        if not pointer.is_file():
+            raise TesError("no run yet: start one with `tes run` or `tes demo`")
+        run = json.loads(pointer.read_text())["run_dir"]
+    found = RunDir(paths.resolve(run), create=False)
+    if not found.summary.is_file():
+        raise TesError(f"{found.summary} does not exist: the run did not finish (its manifest.json says why)")
+    return found

@@ -6,6 +6,8 @@ Runtime's CPU provider lacks (it has no bf16 matrix kernels), so it is offered a
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -68,3 +70,21 @@ def open_session(onnx_path: str | Path, runtime: Runtime = "onnxruntime", precis
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4, rest_s: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Per variant: (p50 ms at batch 1, samples/s at the batch). Variants take turns in blocks of `block` calls
+    so slow drifts of the machine hit all alike; the first call of a block is not counted, because the session
+    that ran just before may still hold the cores (ONNX Runtime's threads spin-wait after their work)."""
+    batch_size = len(next(iter(batch.values())))
+    timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
+    for _ in range(max(1, repeats // (block - 1))):
+        for name, session in sessions.items():
+            for inputs, bucket in ((single, timings[name][0]), (batch, timings[name][1])):
+                time.sleep(rest_s)  # let the previous session's spinning threads go idle
+                for call in range(block):
+                    start = time.perf_counter()
+                    session.run(None, inputs)
+                    if call:
+                        bucket.append(time.perf_counter() - start)
+    return {name: (statistics.median(one) * 1e3, batch_size / statistics.median(many)) for name, (one, many) in timings.items()}

@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import ExportError, VerificationError
 from core.files import atomic_write
-from core.results import Artifact, StageResult, Status, timed
+from core.results import ONNX_FILE, Artifact, StageOutput, StageResult, Status, timed
+from core.runtimes import open_session
 from recipes import Recipe
+from recipes.evaluation import evaluate, load_trained, session_predictor
 
 log = logging.getLogger(__name__)
-
-ONNX_FILE = "model.onnx"
 
 
 class Tolerance(BaseModel):
@@ -45,6 +45,21 @@ class ExportConfig(BaseModel):
     verify_samples: int = Field(32, ge=1, description="held-out samples compared per shape")
 
 
+class Verification(StageOutput):
+    cases: int  # input sets compared (batch sizes x held-out batches, plus shorter sequence lengths)
+    max_abs_diff: dict[str, float]  # per output, the largest |onnx - torch|
+
+
+class ExportOutput(StageOutput):
+    onnx: str
+    opset: int
+    verification: Verification
+    torch: str
+    onnx_version: str
+    onnxruntime: str
+    validation_onnxruntime: dict[str, float] = {}  # the recipe's metric on the ONNX file, when the stage scored it
+
+
 def _dynamic_shapes(recipe: Recipe) -> dict[str, dict[int, torch.export.Dim]]:
     shapes = {}
     for spec in recipe.inputs:
@@ -55,7 +70,16 @@ def _dynamic_shapes(recipe: Recipe) -> dict[str, dict[int, torch.export.Dim]]:
     return shapes
 
 
-def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, config: ExportConfig) -> StageResult:
+def export_stage(recipe: Recipe, weights: str | Path, out_dir: str | Path, config: ExportConfig, eval_samples: int) -> StageResult[ExportOutput]:
+    """The pipeline's export stage: the trained weights exported and verified, then the recipe's metric on the
+    ONNX file over `eval_samples` held-out samples (to compare with training's own validation)."""
+    result = export_onnx(recipe, load_trained(recipe, weights), out_dir, config)
+    session = open_session(result.output.onnx)
+    validation = evaluate(recipe, session_predictor(session, recipe), eval_samples)
+    return result.model_copy(update={"output": result.output.model_copy(update={"validation_onnxruntime": validation})})
+
+
+def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, config: ExportConfig) -> StageResult[ExportOutput]:
     """Export, check and verify; returns the stage result with `model.onnx` and the verification report."""
     out_path = Path(out_dir) / ONNX_FILE
     model = model.eval().to("cpu")
@@ -83,11 +107,9 @@ def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, con
             raise ExportError(f"onnx.checker rejected the exported graph of '{recipe.name}': {error}") from error
         check_interface(recipe, onnx_model)
         report = verify_onnx(recipe, model, out_path, config)
-    return StageResult(
-        stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=[Artifact.of(out_path)],
-        outputs={"onnx": str(out_path), "opset": config.opset, "verification": report,
-                 "torch": torch.__version__, "onnx_version": onnx.__version__, "onnxruntime": ort.__version__},
-    )
+    output = ExportOutput(onnx=str(out_path), opset=config.opset, verification=report, torch=torch.__version__,
+                          onnx_version=onnx.__version__, onnxruntime=ort.__version__)
+    return StageResult(stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(out_path),), output=output)
 
 
 def check_interface(recipe: Recipe, onnx_model: onnx.ModelProto) -> None:
@@ -118,7 +140,7 @@ def _verification_inputs(recipe: Recipe, config: ExportConfig) -> list[dict[str,
     return cases + extra
 
 
-def verify_onnx(recipe: Recipe, model: torch.nn.Module, onnx_path: str | Path, config: ExportConfig) -> dict:
+def verify_onnx(recipe: Recipe, model: torch.nn.Module, onnx_path: str | Path, config: ExportConfig) -> Verification:
     """Compare ONNX Runtime with torch on held-out inputs; raise `VerificationError` listing every mismatch."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [spec.name for spec in recipe.outputs]
@@ -148,4 +170,4 @@ def verify_onnx(recipe: Recipe, model: torch.nn.Module, onnx_path: str | Path, c
                 )
     if mismatches:
         raise VerificationError(mismatches)
-    return {"cases": len(cases), "max_abs_diff": worst}
+    return Verification(cases=len(cases), max_abs_diff=worst)

@@ -20,15 +20,16 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from core import paths
+from core.errors import EngineMismatch
 from core.files import atomic_write_json, atomic_write_text
-from core.results import Artifact, StageResult, Status, timed
+from core.results import Artifact, RunDir, StageOutput, StageResult, Status, timed
 from core.runtimes import open_session
 from export.tensorrt_build import CLEARED_FLAGS, ENGINE_FILE, MANIFEST_FILE, PRECISION_FLAGS
 from export.variants import PrecisionConfig, VariantReport, accuracy_gate, speed_gate
@@ -57,6 +58,15 @@ DEFAULT_TOLERANCES: dict[str, EngineTolerance] = {
     "fp32": EngineTolerance(range_atol=1e-3, rtol=1e-3), "fp16": EngineTolerance(range_atol=1e-2, rtol=1e-2),
     "bf16": EngineTolerance(range_atol=4e-2, rtol=4e-2), "int8-static": EngineTolerance(range_atol=1e-1, rtol=1e-1),
 }
+
+
+class EngineOutput(StageOutput):
+    folder: str = ""  # the engine's folder: engine.plan, engine.json, reproduce.sh, build.log, verification.json
+    engine: str = ""
+    manifest: str = ""
+    reproduce: str = ""  # the trtexec equivalent, written even where the build is skipped
+    source_onnx: str = ""
+    verification: VariantReport | None = None  # the engine scored and gated like a precision variant
 
 
 class EngineConfig(BaseModel):
@@ -116,17 +126,17 @@ def onnx_profile_problems(shapes: dict[str, dict[str, list[int]]], onnx_path: st
     return problems
 
 
-def engine_source(precision: str, fp32_onnx: str | Path, variants: list[dict], strongly_typed: bool = False) -> tuple[str | None, str]:
+def engine_source(precision: str, fp32_onnx: str | Path, variants: Sequence[VariantReport], strongly_typed: bool = False) -> tuple[str | None, str]:
     """(the ONNX file to build `precision` from, "") or (None, why it cannot be built)."""
     if precision in NOT_BUILDABLE:
         return None, NOT_BUILDABLE[precision]
     wanted = "int8-static" if precision == "int8-static" else ("fp16" if precision == "fp16" and strongly_typed else "fp32")
     if wanted == "fp32":
         return str(fp32_onnx), ""
-    variant = next((v for v in variants if v["name"] == wanted and v.get("path")), None)
+    variant = next((v for v in variants if v.name == wanted and v.path), None)
     if variant is None:
         return None, f"precision {precision} is built from the {wanted} variant, which this run did not build (precision.variants)"
-    return variant["path"], ""
+    return variant.path, ""
 
 
 def trtexec_command(onnx_path: Path, engine_path: Path, shapes: dict, config: EngineConfig, timing_cache: Path) -> list[str]:
@@ -192,7 +202,7 @@ def child_failure(what: str, code: int | None, tail: str, timeout_s: int) -> str
 
 
 # --- build ----------------------------------------------------------------------------------------------------------
-def build(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: EngineConfig, max_batch_size: int) -> StageResult:
+def build(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: EngineConfig, max_batch_size: int) -> StageResult[EngineOutput]:
     """Build one engine into `out_dir/<precision>/` in a child process; SKIPPED without TensorRT or a GPU."""
     onnx_path, folder = Path(onnx_path).resolve(), Path(out_dir).resolve() / config.precision
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,29 +211,31 @@ def build(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: En
     write_reproduce(folder, trtexec_command(onnx_path, folder / ENGINE_FILE, shapes, config, cache))
     problems = onnx_profile_problems(shapes, onnx_path)
     if problems:
-        return StageResult("tensorrt", Status.FAILED, reason="the optimization profile does not fit the ONNX graph:\n  - " + "\n  - ".join(problems))
+        return StageResult(stage="tensorrt", status=Status.FAILED,
+                           reason="the optimization profile does not fit the ONNX graph:\n  - " + "\n  - ".join(problems))
     if not config.enabled:
-        return StageResult("tensorrt", Status.SKIPPED, reason="tensorrt.enabled is false")
+        return StageResult.skipped("tensorrt", "tensorrt.enabled is false")
     reason = unavailable_reason()
     if reason:
-        return StageResult("tensorrt", Status.SKIPPED, reason=reason, outputs={"reproduce": str(folder / "reproduce.sh")})
+        return StageResult(stage="tensorrt", status=Status.SKIPPED, reason=reason, output=EngineOutput(reproduce=str(folder / "reproduce.sh")))
     cache.parent.mkdir(parents=True, exist_ok=True)
     spec = {"onnx": str(onnx_path), "folder": str(folder), "shapes": shapes, "max_batch_size": max_batch_size,
             "config": {**config.model_dump(mode="json"), "timing_cache": str(cache)}}
     return build_in_child(atomic_write_json(folder / "build-spec.json", spec), config.build_timeout_s)
 
 
-def build_in_child(spec_path: Path, timeout_s: int, env: dict | None = None) -> StageResult:
+def build_in_child(spec_path: Path, timeout_s: int, env: dict | None = None) -> StageResult[EngineOutput]:
     """Run the build SPEC describes in a child process; FAILED (never an exception) when the child fails or crashes."""
     folder = Path(json.loads(spec_path.read_text())["folder"])
     with timed() as clock:
         code, tail = run_child(["build", str(spec_path)], timeout_s, folder / "build.log", env)
     if code != 0:
-        return StageResult("tensorrt", Status.FAILED, clock["seconds"], reason=child_failure("the engine build", code, tail, timeout_s))
-    return StageResult("tensorrt", Status.OK, clock["seconds"],
-                       artifacts=[Artifact.of(folder / ENGINE_FILE), Artifact.of(folder / MANIFEST_FILE)],
-                       outputs={"folder": str(folder), "engine": str(folder / ENGINE_FILE), "manifest": str(folder / MANIFEST_FILE),
-                                "reproduce": str(folder / "reproduce.sh")})
+        return StageResult(stage="tensorrt", status=Status.FAILED, seconds=clock["seconds"],
+                           reason=child_failure("the engine build", code, tail, timeout_s))
+    output = EngineOutput(folder=str(folder), engine=str(folder / ENGINE_FILE), manifest=str(folder / MANIFEST_FILE),
+                          reproduce=str(folder / "reproduce.sh"))
+    return StageResult(stage="tensorrt", status=Status.OK, seconds=clock["seconds"],
+                       artifacts=(Artifact.of(folder / ENGINE_FILE), Artifact.of(folder / MANIFEST_FILE)), output=output)
 
 
 # --- verification ---------------------------------------------------------------------------------------------------
@@ -287,13 +299,13 @@ def judge(recipe: Recipe, precision: str, reference: list[dict[str, np.ndarray]]
 
 
 def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: EngineConfig, gates: PrecisionConfig,
-           fp32_throughput: float = 0.0) -> StageResult:
+           fp32_throughput: float = 0.0) -> StageResult[EngineOutput]:
     """Run the engine (in a child process) on held-out inputs, compare with FP32 ONNX Runtime, score and gate it;
     writes `verification.json` beside the engine. SKIPPED without TensorRT or a GPU."""
     folder = Path(folder)
     reason = unavailable_reason()
     if reason:
-        return StageResult("tensorrt", Status.SKIPPED, reason=reason)
+        return StageResult.skipped("tensorrt", reason)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     profiles = manifest["profiles"]
     batch_limit = min(dims["max"][0] for dims in profiles.values())
@@ -301,7 +313,7 @@ def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: En
     speed = recipe.example_inputs(min(gates.speed_batch_size, batch_limit))
     problems = [line for batch in batches for line in outside_profile(batch.inputs, profiles)] + outside_profile(speed, profiles)
     if problems:
-        return StageResult("tensorrt", Status.FAILED, reason="verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems))
+        return StageResult(stage="tensorrt", status=Status.FAILED, reason="verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems))
     work = folder / "verify"
     work.mkdir(exist_ok=True)
     feeds = {f"{i}/{name}": array for i, batch in enumerate(batches) for name, array in batch.inputs.items()}
@@ -310,7 +322,8 @@ def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: En
         code, tail = run_child(["run", str(folder / ENGINE_FILE), str(work / "inputs.npz"), str(work / "outputs.npz")],
                                config.verify_timeout_s, work / "run.log")
     if code != 0:
-        return StageResult("tensorrt", Status.FAILED, clock["seconds"], reason=child_failure("running the engine", code, tail, config.verify_timeout_s))
+        return StageResult(stage="tensorrt", status=Status.FAILED, seconds=clock["seconds"],
+                           reason=child_failure("running the engine", code, tail, config.verify_timeout_s))
     saved = np.load(work / "outputs.npz")
     session = open_session(fp32_onnx)
     names = [output.name for output in session.get_outputs()]
@@ -322,22 +335,54 @@ def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: En
     record = {**report.to_dict(), "compared_with": f"ONNX Runtime FP32 (CPU) on {sum(len(b.targets) for b in batches)} held-out samples",
               "engine_manifest": manifest}
     path = atomic_write_json(folder / "verification.json", record)
-    return StageResult("tensorrt", Status.OK, clock["seconds"], artifacts=[Artifact.of(path)], outputs={"verification": report.to_dict()})
+    return StageResult(stage="tensorrt", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(path),),
+                       output=EngineOutput(folder=str(folder), verification=report))
 
 
-def run_stage(recipe: Recipe, fp32_onnx: str | Path, variants: list[dict], out_dir: str | Path, config: EngineConfig,
-              gates: PrecisionConfig, max_batch_size: int) -> StageResult:
+def run_stage(recipe: Recipe, fp32_onnx: str | Path, variants: Sequence[VariantReport], out_dir: str | Path, config: EngineConfig,
+              gates: PrecisionConfig, max_batch_size: int) -> StageResult[EngineOutput]:
     """The whole stage: pick the source ONNX for the precision, build, verify; SKIPPED where that cannot happen."""
     if not config.enabled:
-        return StageResult("tensorrt", Status.SKIPPED, reason="tensorrt.enabled is false")
+        return StageResult.skipped("tensorrt", "tensorrt.enabled is false")
     source, why = engine_source(config.precision, fp32_onnx, variants, config.strongly_typed)
     if source is None:
-        return StageResult("tensorrt", Status.SKIPPED, reason=why)
+        return StageResult.skipped("tensorrt", why)
     built = build(recipe, source, out_dir, config, max_batch_size)
     if built.status is not Status.OK:
         return built
-    fp32 = next((v for v in variants if v["name"] == "fp32"), {})
-    checked = verify(recipe, built.outputs["folder"], fp32_onnx, config, gates, fp32.get("throughput_per_s", 0.0))
+    fp32_throughput = next((v.throughput_per_s for v in variants if v.name == "fp32"), 0.0)
+    checked = verify(recipe, built.output.folder, fp32_onnx, config, gates, fp32_throughput)
     status = Status.FAILED if checked.status is Status.FAILED else Status.OK
-    return StageResult("tensorrt", status, built.seconds + checked.seconds, reason=checked.reason,
-                       artifacts=built.artifacts + checked.artifacts, outputs={**built.outputs, "source_onnx": str(source), **checked.outputs})
+    verification = checked.output.verification if checked.output else None
+    output = built.output.model_copy(update={"source_onnx": str(source), "verification": verification})
+    return StageResult(stage="tensorrt", status=status, seconds=built.seconds + checked.seconds, reason=checked.reason,
+                       artifacts=built.artifacts + checked.artifacts, output=output)
+
+
+# --- rebuilding an engine of a finished run (tes export-repository --rebuild) ----------------------------------------
+def local_rebuild(run_dir: str | Path, recipe: Recipe, config: EngineConfig, gates: PrecisionConfig,
+                  max_batch_size: int) -> Callable[[str, str], Path]:
+    """A `rebuild(precision, compute_capability) -> engine folder` for the native repository export: builds and
+    verifies an engine of the run in `run_dir` on this machine's GPU, which must have that compute capability.
+    Raises `EngineMismatch` where that cannot happen, with what to do instead."""
+    run = RunDir(run_dir, create=False)
+
+    def rebuild(precision: str, capability: str) -> Path:
+        cannot = f"cannot rebuild the {precision} engine for compute capability {capability} here"
+        reason = unavailable_reason()
+        if reason:
+            raise EngineMismatch(f"{cannot}: {reason}")
+        import torch
+
+        here = "{}.{}".format(*torch.cuda.get_device_capability(0))
+        if here != capability:
+            raise EngineMismatch(f"{cannot}: this GPU is {here}; run export-repository --rebuild on a GPU of {capability}, "
+                                 "or pass its engines with --engine-dir")
+        variants = [VariantReport(**entry) for entry in json.loads(run.variants.read_text())]
+        result = run_stage(recipe, run.onnx, variants, run.engines / f"sm{capability.replace('.', '')}",
+                           config.model_copy(update={"precision": precision, "enabled": True}), gates, max(1, max_batch_size))
+        if result.status is not Status.OK:
+            raise EngineMismatch(f"rebuilding the {precision} engine for {capability} {result.status.value}: {result.reason}")
+        return Path(result.output.folder)
+
+    return rebuild

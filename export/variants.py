@@ -12,7 +12,6 @@ Each variant is scored on the recipe's validation split with the recipe's own me
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.results import Artifact
+from core.files import atomic_write_json
+from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
+from core.runtimes import measure_speed, open_session, runtime_of
 from export import quantize
 from export.quantize import ALL_VARIANTS
-from core.runtimes import open_session, runtime_of
 from recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,31 @@ class VariantReport:
         return asdict(self)
 
 
+class PrecisionOutput(StageOutput):
+    variants: tuple[VariantReport, ...]  # FP32 first; exactly one accepted variant has `serves_alias`
+    selected: str  # the variant that serves the plain model name
+    policy: Policy
+    primary_metric: str
+
+    def variant(self, name: str) -> VariantReport | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    @property
+    def accepted(self) -> list[VariantReport]:
+        return [v for v in self.variants if v.status == "accepted"]
+
+
+def precision_stage(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: PrecisionConfig) -> StageResult[PrecisionOutput]:
+    """Every precision variant built, scored on validation data and gated against FP32; `variants.json` beside them."""
+    with timed() as clock:
+        reports = build_and_score(recipe, onnx_path, out_dir, config)
+    atomic_write_json(Path(out_dir) / VARIANTS_FILE, [r.to_dict() for r in reports])
+    selected = next(r.name for r in reports if r.serves_alias)
+    artifacts = tuple(Artifact(path=r.path, sha256=r.sha256, bytes=r.bytes) for r in reports if r.path and r.sha256)
+    output = PrecisionOutput(variants=tuple(reports), selected=selected, policy=config.policy, primary_metric=recipe.primary_metric)
+    return StageResult(stage="precision", status=Status.OK, seconds=clock["seconds"], artifacts=artifacts, output=output)
+
+
 def _first_outputs(session, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     return [session.run(None, inputs)[0].astype(np.float32) for inputs in batches]
 
@@ -101,24 +126,6 @@ def score(recipe: Recipe, report: VariantReport, session, batches: list, referen
     report.max_abs_diff, report.mean_abs_diff = float(differences.max()), float(differences.mean())
     agree = np.concatenate([o.argmax(-1) == r.argmax(-1) for o, r in zip(outputs, reference)])
     report.top1_agreement = float(agree.mean())
-
-
-def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4, rest_s: float = 0.05) -> dict[str, tuple[float, float]]:
-    """Per variant: (p50 ms at batch 1, samples/s at the batch). Variants take turns in blocks of `block` calls
-    so slow drifts of the machine hit all alike; the first call of a block is not counted, because the session
-    that ran just before may still hold the cores (ONNX Runtime's threads spin-wait after their work)."""
-    batch_size = len(next(iter(batch.values())))
-    timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
-    for _ in range(max(1, repeats // (block - 1))):
-        for name, session in sessions.items():
-            for inputs, bucket in ((single, timings[name][0]), (batch, timings[name][1])):
-                time.sleep(rest_s)  # let the previous session's spinning threads go idle
-                for call in range(block):
-                    start = time.perf_counter()
-                    session.run(None, inputs)
-                    if call:
-                        bucket.append(time.perf_counter() - start)
-    return {name: (statistics.median(one) * 1e3, batch_size / statistics.median(many)) for name, (one, many) in timings.items()}
 
 
 def accuracy_gate(recipe: Recipe, report: VariantReport, fp32: VariantReport, budget: float) -> str | None:
@@ -224,21 +231,32 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
     return report, None
 
 
-def render_table(reports: list[dict], primary_metric: str) -> str:
-    """Markdown table of every variant; the row that serves the plain model name is marked."""
-    lines = ["| variant | size | " + primary_metric + " | vs FP32 | max / mean abs diff | top-1 agree | p50 b=1 | throughput | speedup | decision |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def table_rows(reports: list[VariantReport], primary_metric: str) -> list[list[str]]:
+    """One row of cells per variant (header: `TABLE_HEADER`); '-' for what was not measured."""
+    rows = []
     for r in reports:
-        metric = f"{r['metrics'][primary_metric]:.4f}" if r["metrics"] else "-"
-        decision = r["status"] + (f": {r['reason']}" if r["reason"] else "") + (" **(serves alias)**" if r["serves_alias"] else "")
-        if r["excluded_nodes"]:
-            decision += f"; excluded from quantization: {', '.join(r['excluded_nodes'])}"
-        scored, timed = bool(r["metrics"]), r["throughput_per_s"] > 0  # skipped: neither; rejected on accuracy: not timed
-        cells = [r["name"], f"{r['bytes'] / 1e6:.2f} MB" if r["bytes"] else "-", metric,
-                 f"{100 * r['metric_delta_relative']:+.2f}%" if scored else "-",
-                 f"{r['max_abs_diff']:.2e} / {r['mean_abs_diff']:.2e}" if scored else "-",
-                 f"{r['top1_agreement']:.3f}" if scored else "-",
-                 f"{r['latency_p50_ms']:.2f} ms" if timed else "-", f"{r['throughput_per_s']:.0f}/s" if timed else "-",
-                 f"{r['speedup_vs_fp32']:.2f}x" if timed else "-", decision]
-        lines.append("| " + " | ".join(cells) + " |")
+        decision = r.status + (f": {r.reason}" if r.reason else "") + (" **(serves alias)**" if r.serves_alias else "")
+        if r.excluded_nodes:
+            decision += f"; excluded from quantization: {', '.join(r.excluded_nodes)}"
+        scored, timed_ = bool(r.metrics), r.throughput_per_s > 0  # skipped: neither; rejected on accuracy: not timed
+        rows.append([r.name, f"{r.bytes / 1e6:.2f} MB" if r.bytes else "-",
+                     f"{r.metrics[primary_metric]:.4f}" if scored else "-",
+                     f"{100 * r.metric_delta_relative:+.2f}%" if scored else "-",
+                     f"{r.max_abs_diff:.2e} / {r.mean_abs_diff:.2e}" if scored else "-",
+                     f"{r.top1_agreement:.3f}" if scored else "-",
+                     f"{r.latency_p50_ms:.2f} ms" if timed_ else "-", f"{r.throughput_per_s:.0f}/s" if timed_ else "-",
+                     f"{r.speedup_vs_fp32:.2f}x" if timed_ else "-", decision])
+    return rows
+
+
+def table_header(primary_metric: str) -> list[str]:
+    return ["variant", "size", primary_metric, "vs FP32", "max / mean abs diff", "top-1 agree", "p50 b=1", "throughput",
+            "speedup", "decision"]
+
+
+def render_table(reports: list[VariantReport], primary_metric: str) -> str:
+    """Markdown table of every variant; the row that serves the plain model name is marked."""
+    header = table_header(primary_metric)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(reports, primary_metric)]
     return "\n".join(lines)

@@ -16,15 +16,17 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from accounting.ledger import Prices
+from bench.stage import BenchmarkOptions, run_benchmark
+from core.errors import ServerError
+from core.results import StageResult
 from export.onnx_export import ExportConfig
 from export.trt_engine import EngineConfig
 from export.variants import PrecisionConfig
-from bench.stage import BenchmarkOptions, run_benchmark
+from flows import stack
 from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
-from core.results import StageResult
 from flows.pipeline import run_pipeline
-from training.loop import TrainingConfig
 from recipes import DigitsCnnOptions, StdlibGptOptions
+from training.loop import TrainingConfig
 
 REPORT_ARTIFACT_KEY = "train-export-serve-report"
 
@@ -66,8 +68,8 @@ def train_export_serve(
         repository=repository,
     ))
     summary = run_pipeline(params, call=_as_task, publish=_publish)
-    get_run_logger().info("run folder: %s", summary["run_dir"])
-    return summary
+    get_run_logger().info("run folder: %s", summary.run_dir)
+    return summary.model_dump(mode="json")
 
 
 @flow(name="benchmark", description="Benchmark a served model: baselines, concurrency and Poisson-rate sweeps, plots.")
@@ -78,9 +80,11 @@ def benchmark_flow(
     triton_grpc_url: str | None = None,
     repository: str = "model_repository",
 ) -> dict:
-    logger = get_run_logger()
-    summary = run_benchmark(model, options, http_url=triton_url, grpc_url=triton_grpc_url, repository_path=repository,
-                            progress=logger.info)
-    markdown = Path(summary["outputs"]["markdown"]).read_text()
+    endpoint = stack.endpoint(triton_url, triton_grpc_url)
+    if endpoint is None:
+        raise ServerError("no Triton to benchmark: start the stack with `tes up`, or pass triton_url")
+    result = run_benchmark(model, options, endpoint, repository_path=repository, progress=get_run_logger().info)
+    markdown = Path(result.outputs["markdown"]).read_text()
     create_markdown_artifact(markdown=markdown, key="benchmark-report", description=f"benchmark of {model}")
-    return {"outputs": summary["outputs"], "best_rate_under_budget": summary["best_rate_under_budget"]}
+    best = result.best_rate_under_budget
+    return {"outputs": result.outputs, "best_rate_under_budget": best.to_dict() if best else None}

@@ -20,6 +20,7 @@ from core import paths
 from core.errors import ServerError
 from core.files import atomic_write_json
 from serving import client, repository, triton
+from serving.triton import Endpoint
 
 FLOW_NAME = "train-export-serve"
 DEPLOYMENT_NAME = "default"
@@ -50,6 +51,19 @@ def triton_admin_key() -> str | None:
     """The key the stack's Triton wants for its model-repository API (None when no stack is up)."""
     state = read()
     return state["triton"].get("admin_key") if state else None
+
+
+def endpoint(http_url: str | None = None, grpc_url: str | None = None, admin_key: str | None = None) -> Endpoint | None:
+    """The Triton to talk to: the given URLs (with the key for its repository API), else the stack's; None when
+    neither is there. The stack's server pid is kept only when the stack's server is the one addressed."""
+    state = read()
+    alive = bool(state) and triton.pid_alive(state["triton"]["pid"])
+    ours = triton.TritonProcess(**state["triton"]).endpoint() if alive else None
+    if http_url is None:
+        return ours
+    if ours is not None and http_url == ours.http:
+        return Endpoint(http_url, grpc_url or ours.grpc, admin_key or ours.admin_key, ours.server_pid)
+    return Endpoint(http_url, grpc_url, admin_key)
 
 
 def prefect_env(api_url: str) -> dict[str, str]:

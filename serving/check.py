@@ -1,4 +1,5 @@
-"""Checks on a served model: its answers against the same model run in-process, and a concurrency-1 latency probe.
+"""The served check: a served model's answers against the same model run in-process, and a concurrency-1 latency
+probe beside in-process.
 
 The in-process reference is any object with ONNX Runtime's `run(output_names, feeds)` (an ONNX Runtime session,
 or the OpenVINO adapter of `core.runtimes`), so each variant is compared with its own runtime.
@@ -8,19 +9,58 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
+from core.results import StageOutput, StageResult, Status, timed
 from serving.client import connect, infer
+from serving.deploy import DeployOutput
 
 
-def ort_session(onnx_path: str | Path, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+class ServedComparison(StageOutput):
+    batches: int
+    max_abs_diff_vs_in_process: float
+    top1_agreement_with_torch: float
+
+
+class LatencyProbe(StageOutput):
+    protocol: str
+    requests: int
+    input_shapes: dict[str, list[int]]
+    served_p50_ms: float
+    in_process_p50_ms: float
+    serving_overhead_p50_ms: float
+
+
+class ServedCheckOutput(StageOutput):
+    protocols: dict[str, ServedComparison]  # the alias, per protocol
+    variants: dict[str, dict[str, float]]  # every variant model: protocol -> max |served - in-process|
+    latency: LatencyProbe
+
+
+def check_served(deployed: DeployOutput, sessions: dict, batches: list[dict[str, np.ndarray]],
+                 torch_top1: list[np.ndarray]) -> StageResult[ServedCheckOutput]:
+    """The alias over every protocol against the selected variant in-process (`sessions[name]`, one per deployed
+    variant) and its top-1 against torch's (`torch_top1`, per batch); every variant model against its own file;
+    and a latency probe of the alias."""
+    if not deployed.loaded:
+        return StageResult.skipped("served_check", deployed.load_skipped or "model not loaded")
+    urls = {"http": deployed.triton_http, **({"grpc": deployed.triton_grpc} if deployed.triton_grpc else {})}
+    with timed() as clock:
+        protocols = {}
+        for protocol, report in compare_served(urls, deployed.model, batches, sessions[deployed.selected]).items():
+            served_top1 = np.concatenate(report["outputs"]).argmax(-1)
+            protocols[protocol] = ServedComparison(batches=report["batches"], max_abs_diff_vs_in_process=report["max_abs_diff_vs_in_process"],
+                                                   top1_agreement_with_torch=float((served_top1 == np.concatenate(torch_top1)).mean()))
+        variants = {}
+        for variant, entry in deployed.variants.items():
+            served = compare_served(urls, entry.model, batches[:1], sessions[variant])
+            variants[variant] = {p: served[p]["max_abs_diff_vs_in_process"] for p in served}
+        single = {name: array[:1] for name, array in batches[0].items()}
+        probe_protocol = "grpc" if "grpc" in urls else "http"
+        latency = latency_probe(urls[probe_protocol], probe_protocol, deployed.model, single, sessions[deployed.selected])
+    output = ServedCheckOutput(protocols=protocols, variants=variants, latency=latency)
+    return StageResult(stage="served_check", status=Status.OK, seconds=clock["seconds"], output=output)
 
 
 def compare_served(urls: dict[str, str], model: str, batches: list[dict[str, np.ndarray]], session) -> dict:
@@ -59,7 +99,7 @@ def interleaved_p50(serve, local, requests: int) -> tuple[float, float]:
     return statistics.median(served_ms), statistics.median(local_ms)
 
 
-def latency_probe(url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], session, requests: int = 100) -> dict:
+def latency_probe(url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], session, requests: int = 100) -> LatencyProbe:
     """p50 of one-at-a-time requests to the server vs the same model in-process on the same input, side by side."""
     client = connect(url, protocol)  # type: ignore[arg-type]
     try:
@@ -67,7 +107,5 @@ def latency_probe(url: str, protocol: str, model: str, inputs: dict[str, np.ndar
                                                 lambda: session.run(None, inputs), requests)
     finally:
         client.close()
-    return {
-        "protocol": protocol, "requests": requests, "input_shapes": {k: list(v.shape) for k, v in inputs.items()},
-        "served_p50_ms": served_p50, "in_process_p50_ms": local_p50, "serving_overhead_p50_ms": served_p50 - local_p50,
-    }
+    return LatencyProbe(protocol=protocol, requests=requests, input_shapes={k: list(v.shape) for k, v in inputs.items()},
+                        served_p50_ms=served_p50, in_process_p50_ms=local_p50, serving_overhead_p50_ms=served_p50 - local_p50)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -89,3 +89,33 @@ def model_states(url: str, admin_key: str | None = None) -> list[dict]:
         raise ServerError(f"cannot reach Triton at {url}: {error}") from error
     finally:
         client.close()
+
+
+def complete_bytes(
+    url: str, model: str, prompt: bytes, context: int, protocol: Protocol = "http", max_bytes: int = 80,
+    temperature: float = 0.7, seed: int = 0, input_name: str = "tokens", output_name: str = "logits",
+) -> Iterator[int]:
+    """Continue `prompt` with a served next-byte model, one request per byte, yielding each byte as it comes.
+
+    Each request sends the last `context` bytes as `input_name` (1, T) int64; the answer's `output_name` (1, 256)
+    logits pick the next byte: the most likely one when `temperature` <= 0, else one drawn from
+    softmax(logits / temperature) with a generator seeded by `seed`."""
+    if not prompt:
+        raise InferenceError(f"model '{model}': the prompt is empty; a next-byte model needs at least one byte of context")
+    rng, text = np.random.default_rng(seed), bytearray(prompt)
+    client = connect(url, protocol)
+    try:
+        for _ in range(max_bytes):
+            tokens = np.frombuffer(bytes(text[-context:]), dtype=np.uint8).astype(np.int64)[None]  # (1, T)
+            logits = infer(url, model, {input_name: tokens}, protocol, client=client)[output_name][0]  # (256,)
+            text.append(_next_byte(logits.astype(np.float64), temperature, rng))
+            yield text[-1]
+    finally:
+        client.close()
+
+
+def _next_byte(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    weights = np.exp((logits - logits.max()) / temperature)  # softmax, shifted so exp cannot overflow
+    return int(rng.choice(len(weights), p=weights / weights.sum()))

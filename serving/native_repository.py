@@ -21,8 +21,9 @@ from typing import Callable
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from core.errors import RepositoryError
+from core.errors import EngineMismatch, RepositoryError
 from core.files import sha256_file
+from core.results import RunDir
 from serving.repository import ServingConfig, VersionResult, io_from_onnx, publish_version
 
 _CAPABILITY = re.compile(r"^\d+\.\d+$")
@@ -31,10 +32,6 @@ _NUMPY_TO_TRITON = {
     "int16": mc.TYPE_INT16, "int8": mc.TYPE_INT8, "uint8": mc.TYPE_UINT8, "bool": mc.TYPE_BOOL, "bfloat16": mc.TYPE_BF16,
 }
 ENGINE_MANIFEST, VERIFICATION = "engine.json", "verification.json"  # beside each engine (export/trt_engine.py)
-
-
-class EngineMismatch(RepositoryError):
-    """An engine built for another GPU architecture or TensorRT version than the Triton that will run it."""
 
 
 @dataclass(frozen=True)
@@ -241,9 +238,9 @@ def write_native_version(repository: Path, config: mc.ModelConfig, files: dict[s
 Rebuild = Callable[[str, str], Path]  # (precision, compute capability) -> a new engine folder
 
 
-def _run_onnx_hashes(run_dir: Path, variants: list[dict]) -> set[str]:
+def _run_onnx_hashes(run: RunDir, variants: list[dict]) -> set[str]:
     hashes = {v["sha256"] for v in variants if v.get("sha256")}
-    exported = run_dir / "export" / "model.onnx"
+    exported = run.onnx
     return hashes | ({sha256_file(exported)} if exported.is_file() else set())
 
 
@@ -294,14 +291,14 @@ def _engine_version(out: Path, name: str, chosen: dict[str, tuple[Path, dict]], 
     return write_native_version(out, config, files, {"run": run, "engines": {cc: str(f) for cc, (f, _) in chosen.items()}})
 
 
-def _engine_plan(run_dir: Path, variants: list[dict], folders: list[Path], target: EngineTarget | None,
+def _engine_plan(run: RunDir, variants: list[dict], folders: list[Path], target: EngineTarget | None,
                  rebuild: Rebuild | None) -> tuple[dict[str, dict[str, tuple[Path, dict]]], list[str]]:
     """Per precision, the engine for every target compute capability; decided before anything is written."""
     if target is None:
-        raise RepositoryError(f"run {run_dir.name} has TensorRT engines: say which Triton will run them (its TensorRT "
+        raise RepositoryError(f"run {run.run_id} has TensorRT engines: say which Triton will run them (its TensorRT "
                               "version and GPUs' compute capabilities: --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0), "
                               "or leave them out (--no-engines)")
-    hashes = _run_onnx_hashes(run_dir, variants)
+    hashes = _run_onnx_hashes(run, variants)
     groups, left_out = _usable_engines(folders, hashes)
 
     def checked_rebuild(precision: str, capability: str) -> Path:  # a rebuilt engine passes the same checks
@@ -323,10 +320,10 @@ def export_repository(run_dir: Path, out: Path, model: str, serving: ServingConf
     Runtime variant, and a `tensorrt_plan` model per engine precision (`<model>-tensorrt-<precision>`) whose engines
     cover every target compute capability. `engine_dirs` adds engine folders built elsewhere for this run. Engines
     are checked (and rebuilt, if `rebuild` is given) before any model is written."""
-    run_dir, out = Path(run_dir), Path(out)
-    variants = json.loads((run_dir / "precision" / "variants.json").read_text())
-    folders = sorted(p.parent for p in (run_dir / "tensorrt").rglob(ENGINE_MANIFEST)) + list(engine_dirs or [])
-    plan, left_out = _engine_plan(run_dir, variants, folders, target, rebuild) if folders and include_engines else ({}, [])
+    run, out = RunDir(run_dir, create=False), Path(out)
+    variants = json.loads(run.variants.read_text())
+    folders = sorted(p.parent for p in run.engines.rglob(ENGINE_MANIFEST)) + list(engine_dirs or [])
+    plan, left_out = _engine_plan(run, variants, folders, target, rebuild) if folders and include_engines else ({}, [])
     result = NativeExport(versions=[], left_out=left_out)
     for variant in (v for v in variants if v["status"] == "accepted"):
         if variant["runtime"] != "onnxruntime":  # Triton's OpenVINO backend is not checked here; the Python flavour serves it
@@ -334,12 +331,12 @@ def export_repository(run_dir: Path, out: Path, model: str, serving: ServingConf
                                    "(onnxruntime_onnx and tensorrt_plan only); the Python-backend repository of `tes run` serves it")
             continue
         config = onnx_config(f"{model}-{variant['name']}", Path(variant["path"]), serving, gpu)
-        result.versions.append(write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run_dir.name}))
+        result.versions.append(write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run.run_id}))
     for precision, chosen in plan.items():
-        result.versions.append(_engine_version(out, f"{model}-tensorrt-{precision}", chosen, serving, run_dir.name))
+        result.versions.append(_engine_version(out, f"{model}-tensorrt-{precision}", chosen, serving, run.run_id))
         if any(manifest.get("version_compatible") for _, manifest in chosen.values()):
             result.server_args = ["--backend-config=tensorrt,version-compatible=true"]
     if not result.versions:
-        raise RepositoryError(f"run {run_dir} has no accepted ONNX Runtime variant and no usable engine to export"
+        raise RepositoryError(f"run {run.path} has no accepted ONNX Runtime variant and no usable engine to export"
                               + "".join(f"\n  - {line}" for line in result.left_out))
     return result

@@ -261,6 +261,27 @@ def alias_target(repository: str | Path, alias: str) -> str | None:
     return steps[0].model_name if len(steps) == 1 else None
 
 
+def newest_provenance(repository: str | Path, model: str) -> tuple[dict, Path]:
+    """What the newest version of `model` was made from (its manifest's `provenance`: recipe, options, run), and
+    that version's folder. An ensemble alias is followed to the model it forwards to."""
+    repository = Path(repository)
+    folder = model_dir(repository, model)
+    if not versions(folder):
+        raise RepositoryError(f"model '{model}' has no version in {repository}; deploy it first (tes run / tes demo)")
+    target = alias_target(repository, model)
+    if target:
+        folder = model_dir(repository, target)
+        if not versions(folder):
+            raise RepositoryError(f"model '{model}' forwards to '{target}', which has no version in {repository}; "
+                                  "deploy it again (tes run / tes demo)")
+    version_dir = folder / str(versions(folder)[-1])
+    manifest_path = version_dir / VERSION_MANIFEST
+    if not manifest_path.is_file():
+        raise RepositoryError(f"{version_dir} has no {VERSION_MANIFEST}, so what it was made from is unknown; "
+                              "it was not written by the repository writer")
+    return json.loads(manifest_path.read_text(encoding="utf-8")).get("provenance", {}), version_dir
+
+
 def _rename_into_place(staging: Path, folder: Path) -> int:
     """Rename to the next free number; a concurrent writer that took it makes us try the next one."""
     for _ in range(100):

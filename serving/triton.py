@@ -98,6 +98,24 @@ class TritonProcess:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.http_url, self.grpc_url, self.admin_key, self.pid)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """The Triton a run talks to, resolved once when the run starts and passed to every stage that needs it."""
+
+    http: str  # host:port
+    grpc: str | None = None
+    admin_key: str | None = None  # for the model-repository API, when the server restricts it
+    server_pid: int | None = None  # the server's process when it runs on this machine (its CPU time is accounted)
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """protocol -> host:port, for the protocols this endpoint has."""
+        return {"http": self.http, **({"grpc": self.grpc} if self.grpc else {})}
+
 
 def _is_ready(http_url: str) -> bool:
     try:

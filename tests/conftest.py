@@ -54,7 +54,7 @@ def serve_tiny_digits(server, folder: Path, name: str = "digits"):
     from recipes import build_recipe
 
     recipe = build_recipe("digits-cnn", TINY_DIGITS)
-    onnx_path = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).outputs["onnx"]
+    onnx_path = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).output.onnx
     repository.write_version(server.repository, name, onnx_path, ServingConfig(max_batch_size=16))
     client.load_model(server.http_url, name)
     return onnx_path, recipe

@@ -11,22 +11,19 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Iterator, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from core.errors import TrainingError
 from core.files import atomic_write
-from core.results import Artifact, StageResult, Status
+from core.results import CHECKPOINT_FILE, WEIGHTS_FILE, Artifact, StageOutput, StageResult, Status
 from recipes import Recipe
+from recipes.evaluation import evaluate, torch_predictor
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "model.pt"
 
 
 class TrainingConfig(BaseModel):
@@ -46,33 +43,24 @@ class TrainingConfig(BaseModel):
     resume: bool = Field(True, description="continue from the checkpoint in the output folder if there is one")
 
 
+class TrainOutput(StageOutput):
+    device: str
+    autocast_bf16: bool
+    steps: int
+    stopped_early_by_time: bool
+    final_loss: float
+    parameters: int
+    validation: dict[str, float]
+    history: tuple[dict[str, float], ...]
+    weights: str
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise TrainingError("training.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-
-def torch_predictor(model: torch.nn.Module, recipe: Recipe, device: torch.device | str = "cpu") -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """A function from the recipe's named numpy inputs to the model's first output as numpy."""
-    names = [spec.name for spec in recipe.inputs]
-
-    @torch.no_grad()
-    def predict(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(device) for name in names]
-        return model(*tensors).float().cpu().numpy()
-
-    return predict
-
-
-def evaluate(recipe: Recipe, predict: Callable[[dict[str, np.ndarray]], np.ndarray], max_samples: int | None = None, batch_size: int = 32) -> dict[str, float]:
-    """The recipe's metric over its validation split for any predictor (torch, ONNX Runtime, Triton)."""
-    outputs, targets = [], []
-    for batch in recipe.eval_batches(batch_size, max_samples):
-        outputs.append(predict(batch.inputs))
-        targets.append(batch.targets)
-    return recipe.score(outputs, targets)
 
 
 def _learning_rate(config: TrainingConfig, step: int) -> float:
@@ -96,92 +84,95 @@ def _load_checkpoint(path: Path, recipe: Recipe) -> dict:
     return state
 
 
-def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress: bool = True) -> StageResult:
+class _Trainer:
+    """One training run's state: model, optimizer, step, elapsed time and validation history, with the
+    checkpoint that holds all of them (and the RNG state) so a killed run resumes where it stopped."""
+
+    def __init__(self, recipe: Recipe, config: TrainingConfig, out_dir: Path):
+        self.recipe, self.config, self.checkpoint_path = recipe, config, out_dir / CHECKPOINT_FILE
+        self.device = pick_device(config.device)
+        self.autocast = self.device.type == "cuda"  # bf16 autocast on GPU; CPU trains in fp32
+        torch.manual_seed(config.seed)
+        self.model = recipe.build_model().to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.step, self.elapsed, self.history = 0, 0.0, []
+        if config.resume and self.checkpoint_path.exists():
+            state = _load_checkpoint(self.checkpoint_path, recipe)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            self.step, self.elapsed, self.history = state["step"], state["elapsed_s"], state["history"]
+            log.info("resuming from %s at step %d", self.checkpoint_path, self.step)
+
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.checkpoint_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "elapsed_s": self.elapsed, "history": self.history, "torch_rng": torch.get_rng_state(),
+            "recipe": self.recipe.describe(), "config": self.config.model_dump(),
+        })
+
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        metrics = evaluate(self.recipe, torch_predictor(self.model, self.recipe, self.device), self.config.eval_samples)
+        self.model.train()
+        self.history.append({"step": self.step, **metrics})
+        return metrics
+
+    def batches(self) -> Iterator[Any]:
+        """The seeded training batches, fast-forwarded past the steps already taken, so a resumed run sees what
+        an uninterrupted one would."""
+        batches = self.recipe.train_batches(self.config.batch_size, torch.Generator().manual_seed(self.config.seed))
+        for _ in range(self.step):
+            next(batches)
+        return batches
+
+    def one_step(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = _learning_rate(self.config, self.step)
+        inputs, targets = tuple(t.to(self.device) for t in inputs), targets.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.recipe.loss(self.model, inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return loss
+
+
+def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress: bool = True) -> StageResult[TrainOutput]:
     """Train `recipe`'s model; writes `checkpoint.pt` and the final weights `model.pt` into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.device)
-    autocast = device.type == "cuda"  # bf16 autocast on GPU; CPU trains in fp32
-    torch.manual_seed(config.seed)
-    model = recipe.build_model().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    step, elapsed, history = 0, 0.0, []
-
-    checkpoint_path = out_dir / CHECKPOINT
-    if config.resume and checkpoint_path.exists():
-        state = _load_checkpoint(checkpoint_path, recipe)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
-        log.info("resuming from %s at step %d", checkpoint_path, step)
-
-    def checkpoint() -> None:
-        _save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed_s": elapsed,
-            "history": history, "torch_rng": torch.get_rng_state(),
-            "recipe": recipe.describe(), "config": config.model_dump(),
-        })
-
-    def validate() -> dict[str, float]:
-        model.eval()
-        metrics = evaluate(recipe, torch_predictor(model, recipe, device), config.eval_samples)
-        model.train()
-        history.append({"step": step, **metrics})
-        return metrics
-
-    batches = recipe.train_batches(config.batch_size, generator)
-    for _ in range(step):  # replay the seeded data order, so a resumed run sees what an uninterrupted one would
-        next(batches)
-    parameters = sum(p.numel() for p in model.parameters())
-    bar = tqdm(total=config.steps, initial=step, desc=f"train {recipe.name}", disable=not progress, unit="step", leave=False)
-    model.train()
-    loss_value, stopped_early, started = float("nan"), False, time.perf_counter() - elapsed
-    while step < config.steps:
-        if config.max_seconds is not None and elapsed >= config.max_seconds:
+    run = _Trainer(recipe, config, out_dir)
+    batches = run.batches()
+    bar = tqdm(total=config.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress, unit="step", leave=False)
+    run.model.train()
+    loss_value, stopped_early, started = float("nan"), False, time.perf_counter() - run.elapsed
+    while run.step < config.steps:
+        if config.max_seconds is not None and run.elapsed >= config.max_seconds:
             stopped_early = True
             break
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        inputs, targets = next(batches)
-        inputs, targets = tuple(t.to(device) for t in inputs), targets.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = recipe.loss(model, inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        elapsed = time.perf_counter() - started
-        if step % 10 == 0 or step == config.steps:
+        loss = run.one_step(*next(batches))
+        run.elapsed = time.perf_counter() - started
+        if run.step % 10 == 0 or run.step == config.steps:
             loss_value = loss.item()  # a CPU-GPU sync point: only every 10 steps
             bar.set_postfix(loss=f"{loss_value:.3f}")
         bar.update(1)
-        if step % config.eval_every == 0 and step < config.steps:
-            metrics = validate()
-            line = f"step {step}/{config.steps}: loss {loss.item():.4f}, " + ", ".join(
+        if run.step % config.eval_every == 0 and run.step < config.steps:
+            metrics = run.validate()
+            line = f"step {run.step}/{config.steps}: loss {loss.item():.4f}, " + ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
             bar.write(line) if progress else log.info(line)
-        if step % config.checkpoint_every == 0:
-            checkpoint()
+        if run.step % config.checkpoint_every == 0:
+            run.checkpoint()
     bar.close()
-    final = validate()
-    checkpoint()
-    model.eval()
-    weights_path = atomic_write(out_dir / WEIGHTS, lambda tmp: torch.save(model.to("cpu").state_dict(), tmp))
-    return StageResult(
-        stage="train", status=Status.OK, seconds=elapsed,
-        artifacts=[Artifact.of(weights_path), Artifact.of(checkpoint_path)],
-        outputs={
-            "device": str(device), "autocast_bf16": autocast, "steps": step, "stopped_early_by_time": stopped_early,
-            "final_loss": loss_value, "parameters": parameters,
-            "validation": final, "history": history, "weights": str(weights_path),
-        },
-    )
-
-
-def load_trained(recipe: Recipe, weights_path: str | Path) -> torch.nn.Module:
-    model = recipe.build_model()
-    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    return model.eval()
+    final = run.validate()
+    run.checkpoint()
+    run.model.eval()
+    weights_path = atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: torch.save(run.model.to("cpu").state_dict(), tmp))
+    output = TrainOutput(device=str(run.device), autocast_bf16=run.autocast, steps=run.step, stopped_early_by_time=stopped_early,
+                         final_loss=loss_value, parameters=sum(p.numel() for p in run.model.parameters()), validation=final,
+                         history=tuple(run.history), weights=str(weights_path))
+    return StageResult(stage="train", status=Status.OK, seconds=run.elapsed,
+                       artifacts=(Artifact.of(weights_path), Artifact.of(run.checkpoint_path)), output=output)

@@ -6,7 +6,7 @@ import pytest
 from export.onnx_export import ExportConfig, export_onnx
 from export.quantize import build_int8_dynamic
 from serving import client, repository
-from serving.check import ort_session
+from core.runtimes import open_session
 from serving.repository import ServingConfig
 from tests.conftest import TINY_DIGITS
 from recipes import build_recipe
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def variants(triton_server, tmp_path_factory):
     """FP32 and dynamic-INT8 digits models deployed as `digits-fp32` and `digits-int8-dynamic`."""
     recipe, folder = build_recipe("digits-cnn", TINY_DIGITS), tmp_path_factory.mktemp("alias")
-    fp32 = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).outputs["onnx"]
+    fp32 = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).output.onnx
     files = {"fp32": fp32, "int8-dynamic": str(build_int8_dynamic(fp32, folder))}
     for name, path in files.items():
         repository.write_version(triton_server.repository, f"digits-{name}", path, ServingConfig(max_batch_size=16))
@@ -34,7 +34,7 @@ def _point_alias_at(server, target: str) -> None:
 def test_alias_forwards_to_the_selected_variant_and_switches_without_a_new_url(triton_server, variants):
     recipe, files = variants
     batch = list(recipe.eval_batches(16, max_samples=16))[0].inputs
-    expected = {name: ort_session(path).run(None, batch)[0] for name, path in files.items()}
+    expected = {name: open_session(path).run(None, batch)[0] for name, path in files.items()}
     assert not np.allclose(expected["fp32"], expected["int8-dynamic"], atol=1e-6)  # the switch is observable
     for target in ("int8-dynamic", "fp32", "int8-dynamic"):
         _point_alias_at(triton_server, f"digits-{target}")

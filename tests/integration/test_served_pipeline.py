@@ -5,16 +5,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import InferenceError
 import json
 
 from bench.stage import BenchmarkOptions, run_benchmark
+from core.errors import InferenceError
+from core.runtimes import open_session
 from flows.params import parse_params
 from flows.pipeline import run_pipeline
+from recipes.evaluation import load_trained, torch_predictor
 from serving import client, repository
-from serving.check import ort_session
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from training.loop import load_trained, torch_predictor
 
 pytestmark = pytest.mark.integration
 
@@ -47,32 +47,31 @@ def runs(triton_server, tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs, triton_server, name):
     _, summary = runs[name]
-    stages = summary["stages"]
-    assert [stages[s]["status"] for s in ("train", "export", "precision", "deploy", "served_check")] == ["ok"] * 5
-    assert stages["benchmark"]["status"] == ("ok" if name == "digits-cnn" else "skipped")
-    deploy = stages["deploy"]["outputs"]
-    assert deploy["loaded"] and deploy["ready_version"] == str(deploy["version"])
-    check = stages["served_check"]["outputs"]
+    assert [s.status.value for s in (summary.train, summary.export, summary.precision, summary.deploy, summary.served_check)] == ["ok"] * 5
+    assert summary.benchmark.status.value == ("ok" if name == "digits-cnn" else "skipped")
+    deploy = summary.deploy.output
+    assert deploy.loaded and deploy.ready_version == str(deploy.version)
+    check = summary.served_check.output
     for protocol in ("http", "grpc"):
-        assert check[protocol]["max_abs_diff_vs_in_process"] <= 1e-5
-        if deploy["selected"] == "fp32":
-            assert check[protocol]["top1_agreement_with_torch"] == 1.0
-    assert set(check["variants"]) == set(deploy["variants"])
-    assert all(diff <= 1e-5 for diffs in check["variants"].values() for diff in diffs.values())
-    assert check["latency"]["served_p50_ms"] > 0 and (Path(summary["run_dir"]) / "report.md").is_file()
+        assert check.protocols[protocol].max_abs_diff_vs_in_process <= 1e-5
+        if deploy.selected == "fp32":
+            assert check.protocols[protocol].top1_agreement_with_torch == 1.0
+    assert set(check.variants) == set(deploy.variants)
+    assert all(diff <= 1e-5 for diffs in check.variants.values() for diff in diffs.values())
+    assert check.latency.served_p50_ms > 0 and (Path(summary.run_dir) / "report.md").is_file()
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_served_outputs_match_onnxruntime_and_torch_top1(runs, triton_server, name):
     params, summary = runs[name]
     recipe = params.build_recipe()
-    fp32 = summary["stages"]["deploy"]["outputs"]["variants"]["fp32"]
-    session = ort_session(Path(fp32["path"]) / "model.onnx")
-    predict = torch_predictor(load_trained(recipe, summary["stages"]["train"]["outputs"]["weights"]), recipe)
+    fp32 = summary.deploy.output.variants["fp32"]
+    session = open_session(Path(fp32.path) / "model.onnx")
+    predict = torch_predictor(load_trained(recipe, summary.train.output.weights), recipe)
     batch = list(recipe.eval_batches(16, max_samples=16))[0]
     expected = session.run(None, batch.inputs)[0]
     for protocol, url in (("http", triton_server.http_url), ("grpc", triton_server.grpc_url)):
-        served = client.infer(url, fp32["model"], batch.inputs, protocol)["logits"]
+        served = client.infer(url, fp32.model, batch.inputs, protocol)["logits"]
         np.testing.assert_allclose(served, expected, rtol=0, atol=1e-5)
         assert np.array_equal(served.argmax(-1), predict(batch.inputs).argmax(-1))
 
@@ -82,13 +81,13 @@ def test_a_changed_run_rolls_the_model_to_the_next_version(runs, triton_server):
     changed = params.model_dump(mode="json")
     changed["training"]["seed"] += 1
     second = run_pipeline(parse_params(changed))
-    before, after = first["stages"]["deploy"]["outputs"], second["stages"]["deploy"]["outputs"]
-    assert after["variants"]["fp32"]["version"] == before["variants"]["fp32"]["version"] + 1
+    before, after = first.deploy.output, second.deploy.output
+    assert after.variants["fp32"].version == before.variants["fp32"].version + 1
     states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
     assert states[("digits-cnn-fp32", "2")] == "READY" and states[("digits-cnn-fp32", "1")] != "READY"
     # the alias gets a new version only when it points somewhere else; either way it is READY
-    assert after["version"] == before["version"] + (after["selected"] != before["selected"])
-    assert states[("digits-cnn", str(after["version"]))] == "READY"
+    assert after.version == before.version + (after.selected != before.selected)
+    assert states[("digits-cnn", str(after.version))] == "READY"
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -111,39 +110,39 @@ def test_bad_requests_are_refused_naming_the_tensor_and_the_server_stays_healthy
 def test_a_rerun_with_the_same_inputs_repeats_no_work(runs, triton_server):
     params, first = runs["stdlib-gpt"]
     again = run_pipeline(params)
-    stages = again["stages"]
-    for stage in ("train", "export", "precision"):
-        assert stages[stage]["reason"].startswith("cached:") and stages[stage]["seconds"] == 0.0
-        assert stages[stage]["artifacts"] == first["stages"][stage]["artifacts"]  # the same files, checksummed
-    assert not (Path(again["run_dir"]) / "train").exists()  # nothing was trained into the new run folder
-    deploy, first_deploy = stages["deploy"]["outputs"], first["stages"]["deploy"]["outputs"]
-    assert deploy["variants"]["fp32"]["reused"] and deploy["reused"]
-    assert deploy["variants"]["fp32"]["version"] == first_deploy["variants"]["fp32"]["version"]
+    for stage, earlier in ((again.train, first.train), (again.export, first.export), (again.precision, first.precision)):
+        assert stage.reason.startswith("cached:") and stage.seconds == 0.0
+        assert stage.artifacts == earlier.artifacts  # the same files, checksummed
+        assert stage.output == earlier.output
+    assert not (Path(again.run_dir) / "train").exists()  # nothing was trained into the new run folder
+    deploy, first_deploy = again.deploy.output, first.deploy.output
+    assert deploy.variants["fp32"].reused and deploy.reused
+    assert deploy.variants["fp32"].version == first_deploy.variants["fp32"].version
     # a different configuration is a cache miss
     changed = parse_params({**params.model_dump(mode="json"), "training": {**params.training.model_dump(), "seed": 7}})
-    assert run_pipeline(changed)["stages"]["train"]["reason"] == ""
+    assert run_pipeline(changed).train.reason == ""
 
 
 def test_the_benchmark_stage_writes_every_output(runs):
     _, summary = runs["digits-cnn"]
-    bench = summary["stages"]["benchmark"]["outputs"]
-    assert {Path(path).suffix for path in bench["outputs"].values()} == {".json", ".csv", ".md", ".png"}
-    assert all(Path(path).stat().st_size > 0 for path in bench["outputs"].values())
-    assert {(p["protocol"], p["load"]) for p in bench["points"]} == {("grpc", 2.0), ("http", 2.0)}
-    assert {b["runtime"] for b in bench["baselines"]} >= {"torch eager fp32"}
-    data = json.loads(Path(bench["outputs"]["json"]).read_text())
+    bench = summary.benchmark.output
+    assert {Path(path).suffix for path in bench.outputs.values()} == {".json", ".csv", ".md", ".png"}
+    assert all(Path(path).stat().st_size > 0 for path in bench.outputs.values())
+    assert {(p.protocol, p.load) for p in bench.points} == {("grpc", 2.0), ("http", 2.0)}
+    assert {b.runtime for b in bench.baselines} >= {"torch eager fp32"}
+    data = json.loads(Path(bench.outputs["json"]).read_text())
     assert data["system"]["cpu"]["logical_cores"] >= 1 and data["system"]["versions"]["triton_server"]
-    assert Path(bench["outputs"]["csv"]).read_text().splitlines()[0].startswith("model,protocol,mode,load")
+    assert Path(bench.outputs["csv"]).read_text().splitlines()[0].startswith("model,protocol,mode,load")
 
 
 def test_configuration_sweep_finds_and_applies_the_best(runs, triton_server, tmp_path):
     params, summary = runs["digits-cnn"]
     options = BenchmarkOptions(protocols=("grpc",), concurrencies=(1,), samples=16, sweep_configs=True, apply_best=True)
-    result = run_benchmark("digits-cnn", options, http_url=triton_server.http_url, grpc_url=triton_server.grpc_url,
-                           repository_path=triton_server.repository, out_dir=tmp_path, progress=lambda _: None)
-    sweep = result["config_sweep"]
+    result = run_benchmark("digits-cnn", options, triton_server.endpoint(), repository_path=triton_server.repository,
+                           out_dir=tmp_path, progress=lambda _: None)
+    sweep = result.config_sweep
     assert len(sweep) == 5 and sweep[0]["throughput"] == max(r["throughput"] for r in sweep)
-    applied = result["applied"]
+    applied = result.applied
     config = repository.read_config(triton_server.repository, applied["model"])
     assert config.HasField("dynamic_batching") == applied["dynamic_batching"]
     assert config.instance_group[0].count == applied["instance_count"]
@@ -154,7 +153,7 @@ def test_configuration_sweep_finds_and_applies_the_best(runs, triton_server, tmp
 
 def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
     _, summary = runs["stdlib-gpt"]
-    ledger = json.loads(Path(summary["ledger"]["json"]).read_text())
+    ledger = json.loads(Path(summary.ledger["json"]).read_text())
     entries = {entry["stage"]: entry for entry in ledger["entries"]}
     assert list(entries) == ["train", "export", "precision", "tensorrt", "deploy", "served_check", "benchmark", "precision:fp32"]
     assert entries["tensorrt"]["notes"][0].startswith("skipped: ")  # no TensorRT, no GPU here
@@ -166,12 +165,12 @@ def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
         assert entry["wall_s"] >= 0 and entry["peak_host_mb"] > 0 and entry["cost_usd"] >= 0
         assert entry["energy"]["cpu"]["kind"] in ("measured", "estimated")  # estimated here: no RAPL on these machines
         assert entry["inputs"]["usd_per_kwh"] == ledger["prices"]["usd_per_kwh"]
-    assert ledger["inference_flops_per_sample"] > 0 and Path(summary["ledger"]["plot"]).stat().st_size > 1000
+    assert ledger["inference_flops_per_sample"] > 0 and Path(summary.ledger["plot"]).stat().st_size > 1000
 
 
 def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
     _, summary = runs["digits-cnn"]
-    ledger = json.loads(Path(summary["ledger"]["json"]).read_text())
+    ledger = json.loads(Path(summary.ledger["json"]).read_text())
     entries = {entry["stage"]: entry for entry in ledger["entries"]}
     variants = [name for name in entries if name.startswith("precision:")]
     assert len(variants) == 6 and all(entries[v]["wall_s"] > 0 for v in variants)
@@ -179,6 +178,6 @@ def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
     assert split == pytest.approx(entries["precision"]["joules"], rel=1e-6)  # the stage's energy, shared out
     assert {(row["protocol"], row["load"]) for row in ledger["serving"]} == {("grpc", 2.0), ("http", 2.0)}
     assert all(row["energy_kind"] == "estimated" and row["joules_per_inference"] > 0 for row in ledger["serving"])
-    measured = {v["name"] for v in summary["stages"]["precision"]["outputs"]["variants"] if v["throughput_per_s"] > 0}
+    measured = {v.name for v in summary.precision.output.variants if v.throughput_per_s > 0}
     assert {"int8-dynamic", "int8-static", "fp16", "openvino-int8"} <= measured  # openvino-bf16 only where the CPU has bf16
     assert {row["variant"] for row in ledger["payback"]} == measured - {"fp32"}

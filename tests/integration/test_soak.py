@@ -9,7 +9,7 @@ import torch
 from core.errors import InferenceError
 from export.onnx_export import ExportConfig, export_onnx
 from serving import client, repository, triton
-from serving.check import ort_session
+from core.runtimes import open_session
 from serving.repository import ServingConfig
 from bench.soak import soak
 from tests.conftest import TINY_GPT
@@ -24,12 +24,12 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("soak")
     recipe = build_recipe("stdlib-gpt", TINY_GPT)
     torch.manual_seed(0)
-    onnx_path = export_onnx(recipe, recipe.build_model(), root, ExportConfig()).outputs["onnx"]
+    onnx_path = export_onnx(recipe, recipe.build_model(), root, ExportConfig()).output.onnx
     server = triton.start(root / "repo", root / "work")
     try:
         repository.write_version(server.repository, "gpt", onnx_path, ServingConfig(max_batch_size=8))
         client.load_model(server.http_url, "gpt")
-        session = ort_session(onnx_path)
+        session = open_session(onnx_path)
         cases = [(b.inputs, session.run(None, b.inputs)[0]) for b in recipe.eval_batches(1, max_samples=16)]
         yield server, cases, onnx_path
     finally:

@@ -23,11 +23,11 @@ def gpt_export(tmp_path_factory):
 
 def test_gpt_export_has_pinned_opset_and_dynamic_batch_and_sequence(gpt_export):
     recipe, model, result = gpt_export
-    graph = onnx.load(result.outputs["onnx"])
+    graph = onnx.load(result.output.onnx)
     assert {entry.domain: entry.version for entry in graph.opset_import}[""] == 18
     dims = graph.graph.input[0].type.tensor_type.shape.dim
     assert [d.HasField("dim_param") for d in dims] == [True, True]
-    session = ort.InferenceSession(result.outputs["onnx"], providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(result.output.onnx, providers=["CPUExecutionProvider"])
     for batch, length in [(1, 1), (3, 17), (5, 32)]:
         tokens = np.random.default_rng(batch).integers(0, 256, (batch, length), dtype=np.int64)
         got = session.run(None, {"tokens": tokens})[0]
@@ -39,8 +39,8 @@ def test_gpt_export_has_pinned_opset_and_dynamic_batch_and_sequence(gpt_export):
 
 def test_verification_covers_several_batch_sizes_and_lengths(gpt_export):
     _, _, result = gpt_export
-    report = result.outputs["verification"]
-    assert report["cases"] >= 4 and report["max_abs_diff"]["logits"] < 1e-4
+    report = result.output.verification
+    assert report.cases >= 4 and report.max_abs_diff["logits"] < 1e-4
     assert result.artifacts[0].sha256 and result.artifacts[0].bytes > 0
 
 
@@ -48,7 +48,7 @@ def test_verification_reports_every_mismatch_at_once(gpt_export):
     recipe, model, result = gpt_export
     other = recipe.build_model().eval()  # different random weights: every case must mismatch
     with pytest.raises(VerificationError) as caught:
-        verify_onnx(recipe, other, result.outputs["onnx"], ExportConfig(verify_batch_sizes=(1, 3)))
+        verify_onnx(recipe, other, result.output.onnx, ExportConfig(verify_batch_sizes=(1, 3)))
     mismatches = caught.value.mismatches
     assert len(mismatches) >= 3  # batch 1, batch 3, and the short-sequence cases
     assert all("output 'logits'" in line and "atol=" in line for line in mismatches)
@@ -58,5 +58,5 @@ def test_verification_reports_every_mismatch_at_once(gpt_export):
 def test_digits_export_verifies(tmp_path: Path):
     recipe = build_recipe("digits-cnn", TINY_DIGITS)
     result = export_onnx(recipe, recipe.build_model(), tmp_path, ExportConfig())
-    assert result.status.value == "ok" and Path(result.outputs["onnx"]).is_file()
+    assert result.status.value == "ok" and Path(result.output.onnx).is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -30,7 +30,7 @@ H100_TRT = EngineTarget(tensorrt_version="10.3.0.26", compute_capabilities=("9.0
 @pytest.fixture(scope="module")
 def gpt_onnx(tmp_path_factory) -> Path:
     recipe = build_recipe("stdlib-gpt", TINY_GPT)
-    return Path(export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("gpt"), ExportConfig()).outputs["onnx"])
+    return Path(export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("gpt"), ExportConfig()).output.onnx)
 
 
 def _manifest(onnx_path: Path, capability: str = "9.0", **fields) -> dict:

@@ -18,7 +18,7 @@ def onnx_files(tmp_path_factory):
     files = {}
     for name, options in (("stdlib-gpt", TINY_GPT), ("digits-cnn", TINY_DIGITS)):
         recipe = build_recipe(name, options)
-        files[name] = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp(name), ExportConfig()).outputs["onnx"]
+        files[name] = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp(name), ExportConfig()).output.onnx
     return files
 
 

@@ -23,7 +23,7 @@ from core.runtimes import open_session
 from export.tensorrt_build import configure, network_flags
 from export.trt_engine import (EngineConfig, EngineTolerance, build, build_in_child, compare_outputs, engine_source, judge,
                                onnx_profile_problems, profile_shapes, run_stage, trtexec_command, unavailable_reason)
-from export.variants import PrecisionConfig
+from export.variants import PrecisionConfig, VariantReport
 from tests.conftest import TINY_DIGITS, TINY_GPT
 from recipes import build_recipe
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     recipe = build_recipe("digits-cnn", TINY_DIGITS)
-    onnx_path = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("digits"), ExportConfig()).outputs["onnx"]
+    onnx_path = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("digits"), ExportConfig()).output.onnx
     return recipe, Path(onnx_path)
 
 
@@ -82,8 +82,8 @@ def test_a_strongly_typed_build_takes_its_types_from_the_graph_not_from_flags():
 
 
 def test_each_precision_is_built_from_its_own_variant():
-    variants = [{"name": "fp32", "path": "/r/export/model.onnx"}, {"name": "int8-static", "path": "/r/precision/int8-static.onnx"},
-                {"name": "fp16", "path": "/r/precision/fp16.onnx"}]
+    variants = [VariantReport(name="fp32", path="/r/export/model.onnx"), VariantReport(name="int8-static", path="/r/precision/int8-static.onnx"),
+                VariantReport(name="fp16", path="/r/precision/fp16.onnx")]
     assert engine_source("fp16", "/r/export/model.onnx", variants) == ("/r/export/model.onnx", "")
     assert engine_source("bf16", "/r/export/model.onnx", variants)[0] == "/r/export/model.onnx"
     assert engine_source("int8-static", "/r/export/model.onnx", variants)[0] == "/r/precision/int8-static.onnx"
@@ -100,7 +100,7 @@ def test_without_tensorrt_the_stage_is_skipped_with_the_reason_and_leaves_a_repr
     if reason is None:
         pytest.skip("TensorRT and a GPU are present: the stage builds here")
     recipe, onnx_path = digits
-    variants = [{"name": "fp32", "path": str(onnx_path), "throughput_per_s": 100.0}]
+    variants = [VariantReport(name="fp32", path=str(onnx_path), throughput_per_s=100.0)]
     config = EngineConfig(precision="fp16", timing_cache=str(tmp_path / "timing.cache"))
     result = run_stage(recipe, onnx_path, variants, tmp_path / "trt", config, PrecisionConfig(), max_batch_size=8)
     assert result.status is Status.SKIPPED and result.reason == reason
@@ -120,7 +120,7 @@ def test_a_disabled_stage_or_an_unbuildable_precision_is_skipped_with_the_reason
     recipe, onnx_path = digits
     off = run_stage(recipe, onnx_path, [], tmp_path, EngineConfig(enabled=False), PrecisionConfig(), 8)
     assert off.status is Status.SKIPPED and off.reason == "tensorrt.enabled is false"
-    no_qdq = run_stage(recipe, onnx_path, [{"name": "fp32", "path": str(onnx_path)}], tmp_path,
+    no_qdq = run_stage(recipe, onnx_path, [VariantReport(name="fp32", path=str(onnx_path))], tmp_path,
                        EngineConfig(precision="int8-static"), PrecisionConfig(), 8)
     assert no_qdq.status is Status.SKIPPED and "int8-static variant" in no_qdq.reason
 
@@ -128,7 +128,7 @@ def test_a_disabled_stage_or_an_unbuildable_precision_is_skipped_with_the_reason
 def test_a_profile_that_does_not_fit_the_graph_fails_the_stage_with_the_reason(tmp_path, digits):
     recipe, _ = digits
     gpt = build_recipe("stdlib-gpt", TINY_GPT)
-    other = export_onnx(gpt, gpt.build_model(), tmp_path / "gpt", ExportConfig()).outputs["onnx"]
+    other = export_onnx(gpt, gpt.build_model(), tmp_path / "gpt", ExportConfig()).output.onnx
     result = build(recipe, other, tmp_path / "trt", EngineConfig(timing_cache=str(tmp_path / "c")), max_batch_size=8)
     assert result.status is Status.FAILED and "ONNX input 'tokens' has no profile" in result.reason
 
@@ -354,14 +354,14 @@ def test_a_real_engine_is_built_verified_and_gated(tmp_path, digits):
     if reason:
         pytest.skip(reason)
     recipe, onnx_path = digits
-    variants = [{"name": "fp32", "path": str(onnx_path), "throughput_per_s": 0.0}]
+    variants = [VariantReport(name="fp32", path=str(onnx_path), throughput_per_s=0.0)]
     config = EngineConfig(precision="fp16", timing_cache=str(tmp_path / "timing.cache"), verify_samples=64)
     result = run_stage(recipe, onnx_path, variants, tmp_path / "trt", config, PrecisionConfig(min_speedup=0), max_batch_size=8)
     assert result.status is Status.OK, result.reason
-    assert Path(result.outputs["engine"]).stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
-    assert result.outputs["verification"]["status"] == "accepted", result.outputs["verification"]["reason"]
+    assert Path(result.output.engine).stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
+    assert result.output.verification.status == "accepted", result.output.verification.reason
     again = build(recipe, onnx_path, tmp_path / "again", config, max_batch_size=8)
-    assert again.status is Status.OK and json.loads(Path(again.outputs["manifest"]).read_text())["timing_cache_loaded"]
+    assert again.status is Status.OK and json.loads(Path(again.output.manifest).read_text())["timing_cache_loaded"]
 
 
 # --- the python flavour's execution providers -------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import torch
 from core.errors import TrainingError
 from tests.conftest import TINY_DIGITS
 from training import loop
-from training.loop import CHECKPOINT, TrainingConfig, load_trained, train
+from core.results import CHECKPOINT_FILE as CHECKPOINT
+from recipes.evaluation import load_trained
+from training.loop import TrainingConfig, train
 from recipes import build_recipe
 
 
@@ -17,9 +19,9 @@ def tiny(**overrides) -> TrainingConfig:
 
 def test_training_learns_digits_and_writes_weights(tmp_path: Path):
     result = train(build_recipe("digits-cnn", TINY_DIGITS), tiny(steps=80), tmp_path, progress=False)
-    assert result.status.value == "ok" and result.outputs["device"] == "cpu"
-    assert result.outputs["validation"]["accuracy"] > 0.5  # chance is 0.1
-    assert [step["step"] for step in result.outputs["history"]] == [20, 40, 60, 80]
+    assert result.status.value == "ok" and result.output.device == "cpu"
+    assert result.output.validation["accuracy"] > 0.5  # chance is 0.1
+    assert [step["step"] for step in result.output.history] == [20, 40, 60, 80]
     assert {Path(a.path).name for a in result.artifacts} == {"model.pt", CHECKPOINT}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -40,8 +42,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, monkeypatch: p
         train(recipe, tiny(steps=30), tmp_path / "split", progress=False)
     monkeypatch.setattr(loop, "_save_checkpoint", original)
     resumed = train(recipe, tiny(steps=30), tmp_path / "split", progress=False)
-    assert resumed.outputs["steps"] == 30
-    a, b = load_trained(recipe, whole.outputs["weights"]), load_trained(recipe, resumed.outputs["weights"])
+    assert resumed.output.steps == 30
+    a, b = load_trained(recipe, whole.output.weights), load_trained(recipe, resumed.output.weights)
     for (name, left), (_, right) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(left, right, atol=1e-6), name
 
@@ -54,7 +56,7 @@ def test_checkpoint_of_another_recipe_is_refused(tmp_path: Path):
 
 def test_time_budget_stops_training_early(tmp_path: Path):
     result = train(build_recipe("digits-cnn", TINY_DIGITS), tiny(steps=100_000, max_seconds=1.0), tmp_path, progress=False)
-    assert result.outputs["stopped_early_by_time"] and result.outputs["steps"] < 100_000
+    assert result.output.stopped_early_by_time and result.output.steps < 100_000
 
 
 def test_cuda_request_without_gpu_is_a_clear_error(tmp_path: Path):
@@ -69,5 +71,5 @@ def test_gpu_training_uses_bf16_autocast(tmp_path: Path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     result = train(build_recipe("digits-cnn", TINY_DIGITS), tiny(steps=40), tmp_path, progress=False)
-    assert result.outputs["device"].startswith("cuda") and result.outputs["autocast_bf16"]
-    assert result.outputs["validation"]["accuracy"] > 0.5
+    assert result.output.device.startswith("cuda") and result.output.autocast_bf16
+    assert result.output.validation["accuracy"] > 0.5

@@ -9,7 +9,8 @@ from export.quantize import build_int8_static, quantized_nodes
 from core.runtimes import openvino_has_bf16
 from export.variants import PrecisionConfig, VariantReport, build_and_score, select
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from training.loop import TrainingConfig, load_trained, train
+from recipes.evaluation import load_trained
+from training.loop import TrainingConfig, train
 from recipes import build_recipe
 
 FAST = {"calibration_samples": 32, "score_samples": 128, "speed_repeats": 3}
@@ -21,8 +22,8 @@ def digits(tmp_path_factory):
     recipe, folder = build_recipe("digits-cnn", TINY_DIGITS), tmp_path_factory.mktemp("digits")
     trained = train(recipe, TrainingConfig(steps=60, learning_rate=1e-2, warmup_steps=5, eval_every=1000, eval_samples=64),
                     folder / "train", progress=False)
-    exported = export_onnx(recipe, load_trained(recipe, trained.outputs["weights"]), folder, ExportConfig())
-    return recipe, exported.outputs["onnx"], folder
+    exported = export_onnx(recipe, load_trained(recipe, trained.output.weights), folder, ExportConfig())
+    return recipe, exported.output.onnx, folder
 
 
 def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
@@ -95,7 +96,7 @@ def test_calibration_never_reads_validation_samples(tmp_path: Path):
             assert window.astype(np.uint8).tobytes() in train_bytes
         torch.manual_seed(0)
         model = build_recipe("stdlib-gpt", TINY_GPT).build_model().eval()
-        onnx_path = export_onnx(build_recipe("stdlib-gpt", TINY_GPT), model, tmp_path, ExportConfig()).outputs["onnx"]
+        onnx_path = export_onnx(build_recipe("stdlib-gpt", TINY_GPT), model, tmp_path, ExportConfig()).output.onnx
         assert build_int8_static(Path(onnx_path), tmp_path, calibration).is_file()
     finally:
         monkey_eval.undo()
@@ -123,7 +124,7 @@ def test_static_int8_quantizes_weights_not_attention_products(tmp_path):
 
     recipe = build_recipe("stdlib-gpt", TINY_GPT)
     torch.manual_seed(0)
-    onnx_path = Path(export_onnx(recipe, recipe.build_model().eval(), tmp_path, ExportConfig()).outputs["onnx"])
+    onnx_path = Path(export_onnx(recipe, recipe.build_model().eval(), tmp_path, ExportConfig()).output.onnx)
     calibration = recipe.calibration_inputs(8)
 
     def dequantized_inputs(path: Path) -> dict[str, int]:
@@ -172,7 +173,7 @@ def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(
     # a transformer's LayerNorm outputs are not skewed: S8, zero point 0
     gpt = build_recipe("stdlib-gpt", TINY_GPT)
     torch.manual_seed(0)
-    gpt_onnx = Path(export_onnx(gpt, gpt.build_model().eval(), tmp_path / "gpt", ExportConfig()).outputs["onnx"])
+    gpt_onnx = Path(export_onnx(gpt, gpt.build_model().eval(), tmp_path / "gpt", ExportConfig()).output.onnx)
     gpt_points = _activation_zero_points(build_int8_static(gpt_onnx, tmp_path / "gpt", gpt.calibration_inputs(8), symmetric_activations=True))
     norms = [zp for name, zp in gpt_points.items() if name.startswith("layer_norm")]
     assert norms and all(zp.dtype == np.int8 and not zp.any() for zp in norms)
