@@ -4,6 +4,9 @@ Copied as-is into every version folder next to `model.onnx`; it needs only numpy
 `triton_python_backend_utils`, so it loads in the bundled server and in any Triton with a Python backend.
 It validates every request against the model's config before running it, and runs the requests that
 Triton's dynamic batcher hands it together, one ONNX Runtime call per distinct input shape.
+
+Errors are per request: a request refused by validation gets INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT), one
+the runtime fails on gets INTERNAL (HTTP 500, gRPC INTERNAL); the other requests of the same call are still answered.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ _TRITON_TO_NUMPY = {
     "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP16": np.float16, "TYPE_FP32": np.float32,
     "TYPE_FP64": np.float64,
 }
+
+
+def _error(message: str, code_name: str):
+    """An error response with Triton's error code `code_name` (INVALID_ARG: the client's fault, HTTP 400 / gRPC
+    INVALID_ARGUMENT; INTERNAL: ours, HTTP 500 / gRPC INTERNAL). Python backends older than error codes get the
+    message alone (always INTERNAL there)."""
+    code = getattr(pb_utils.TritonError, code_name, None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(error=error)
 
 
 def _parameter(config: dict, key: str, default: str | None = None) -> str | None:
@@ -136,7 +148,7 @@ class TritonPythonModel:
                 )
             if name in self.value_ranges and array.size:
                 low, high = self.value_ranges[name]
-                if array.min() < low or array.max() > high:
+                if not (array.min() >= low and array.max() <= high):  # NaN fails both, so it is refused too
                     return None, (
                         f"model '{self.model_name}': input '{name}' has values in [{array.min()}, {array.max()}], "
                         f"expected values in [{low}, {high}]"
@@ -146,12 +158,17 @@ class TritonPythonModel:
 
     # --- execution ---------------------------------------------------------------------------------
     def execute(self, requests):
+        """One response per request, never an exception: Triton would fail every request of the call with it."""
         responses: list = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
         for index, request in enumerate(requests):
-            arrays, error = self._check(request)
+            try:
+                arrays, error = self._check(request)
+            except Exception as failure:  # a bug of ours, not the client's: INTERNAL, for this request only
+                responses[index] = self._internal("validation", failure)
+                continue
             if error:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
+                responses[index] = _error(error, "INVALID_ARG")
                 continue
             key = tuple(array.shape[1:] if self.max_batch_size else array.shape for array in arrays.values())
             groups.setdefault(key, []).append((index, arrays))
@@ -160,19 +177,35 @@ class TritonPythonModel:
         return responses
 
     def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list) -> None:
+        """Requests of one shape in one runtime call. If that call fails, each runs alone, so only the requests
+        the runtime really fails on get an error (INTERNAL); the others are answered."""
         if self.max_batch_size and len(members) > 1:
-            feeds = {name: np.concatenate([arrays[name] for _, arrays in members]) for name, _, _ in self.inputs}
-            outputs = self._infer(feeds)
-            sizes = np.cumsum([arrays[self.inputs[0][0]].shape[0] for _, arrays in members])[:-1]
-            per_request = [np.split(output, sizes) for output in outputs]
-            for position, (index, _) in enumerate(members):
-                tensors = [pb_utils.Tensor(n, parts[position]) for n, parts in zip(self.output_names, per_request)]
-                responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
-            return
+            try:
+                feeds = {name: np.concatenate([arrays[name] for _, arrays in members]) for name, _, _ in self.inputs}
+                outputs = self._infer(feeds)
+                sizes = np.cumsum([arrays[self.inputs[0][0]].shape[0] for _, arrays in members])[:-1]
+                per_request = [np.split(output, sizes) for output in outputs]
+                for position, (index, _) in enumerate(members):
+                    tensors = [pb_utils.Tensor(n, parts[position]) for n, parts in zip(self.output_names, per_request)]
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+                return
+            except Exception as failure:  # retried one by one below
+                pb_utils.Logger.log_warn(
+                    f"{self.model_name}: a batch of {len(members)} requests failed "
+                    f"({type(failure).__name__}: {failure}); running them one by one"
+                )
         for index, arrays in members:
-            outputs = self._infer(arrays)
-            tensors = [pb_utils.Tensor(name, output) for name, output in zip(self.output_names, outputs)]
-            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            try:
+                outputs = self._infer(arrays)
+                tensors = [pb_utils.Tensor(name, output) for name, output in zip(self.output_names, outputs)]
+                responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            except Exception as failure:  # to this request's client, and to the log
+                responses[index] = self._internal("the runtime", failure)
+
+    def _internal(self, where: str, failure: Exception):
+        message = f"model '{self.model_name}': {where} failed: {type(failure).__name__}: {failure}"
+        pb_utils.Logger.log_error(message)
+        return _error(message, "INTERNAL")
 
     def finalize(self) -> None:
         self._infer = None

@@ -43,7 +43,7 @@ def _new_config() -> ServingConfig:
 def onnx_file(tmp_path_factory) -> str:
     recipe = build_recipe("stdlib-gpt", TINY_GPT)
     torch.manual_seed(0)
-    return export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("onnx"), ExportConfig()).outputs["onnx"]
+    return export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("onnx"), ExportConfig()).output.onnx
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,8 @@ def test_bad_request_is_refused_and_the_next_good_one_succeeds(locked, protocol,
     with pytest.raises(InferenceError) as caught:
         client.infer(_url(locked, protocol), MODEL, bad, protocol)
     assert expected in str(caught.value)
+    # the client's fault, whether Triton or our model refused it (tests/integration/test_bad_requests.py has them all)
+    assert caught.value.__cause__.status() == {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}[protocol]
     assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol)["logits"].shape == (1, 256)
 
 
@@ -184,22 +186,29 @@ def test_a_deployment_killed_midway_leaves_nothing_half_written(locked, onnx_fil
 
 
 # 9. Faults under load: deadlines, full queues ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slow(locked, tmp_path_factory) -> str:
+    """A model wide enough that one request takes milliseconds, one at a time, with room for one waiting request."""
+    recipe = build_recipe("stdlib-gpt", {**TINY_GPT, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128})
+    onnx_path = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("slow"),
+                            ExportConfig(verify_batch_sizes=(1,), verify_samples=1)).output.onnx
+    config = ServingConfig(max_batch_size=1, max_queue_size=1, max_queue_delay_microseconds=0)
+    repository.write_version(locked.repository, "slow", onnx_path, config)
+    client.load_model(locked.http_url, "slow", admin_key=KEY)
+    return "slow"
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_a_client_deadline_gives_a_timeout_error(locked, protocol):
-    batch = {"tokens": np.random.default_rng(0).integers(0, 256, (4, 32), dtype=np.int64)}
+def test_a_client_deadline_gives_a_timeout_error(locked, slow, protocol):
+    tokens = {"tokens": np.random.default_rng(0).integers(0, 256, (1, 128), dtype=np.int64)}
     with pytest.raises(InferenceError) as caught:
-        client.infer(_url(locked, protocol), MODEL, batch, protocol, timeout_s=1e-4)
+        client.infer(_url(locked, protocol), slow, tokens, protocol, timeout_s=1e-3)  # one request takes longer
     assert re.search("deadline exceeded|timed out", str(caught.value), re.IGNORECASE), str(caught.value)
     # the server is unharmed: a request with a sane deadline succeeds (the cancelled one may still be finishing)
     assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol, timeout_s=10)["logits"].shape == (1, 256)
 
 
-def test_a_full_queue_rejects_requests_fast(locked, tmp_path):
-    recipe = build_recipe("stdlib-gpt", {**TINY_GPT, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128})
-    slow = export_onnx(recipe, recipe.build_model(), tmp_path, ExportConfig(verify_batch_sizes=(1,), verify_samples=1)).outputs["onnx"]
-    config = ServingConfig(max_batch_size=1, max_queue_size=1, max_queue_delay_microseconds=0)
-    repository.write_version(locked.repository, "slow", slow, config)
-    client.load_model(locked.http_url, "slow", admin_key=KEY)
+def test_a_full_queue_rejects_requests_fast(locked, slow):
     tokens = {"tokens": np.random.default_rng(1).integers(0, 256, (1, 128), dtype=np.int64)}
     grpc = grpcclient.InferenceServerClient(locked.grpc_url)
     results, done = [], threading.Semaphore(0)
@@ -212,7 +221,7 @@ def test_a_full_queue_rejects_requests_fast(locked, tmp_path):
 
     start = time.perf_counter()
     for _ in range(24):
-        grpc.async_infer("slow", [request], callback)
+        grpc.async_infer(slow, [request], callback)
     for _ in range(24):
         assert done.acquire(timeout=60)
     grpc.close()
