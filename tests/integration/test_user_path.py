@@ -3,6 +3,7 @@
 Everything runs for real on free loopback ports in a private project home; `tes down` must leave nothing.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,9 +29,9 @@ def _flow_run_count(api_url: str) -> int:
         return int(json.loads(response.read()))
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
+@contextlib.contextmanager
+def _stack(home: Path):
+    """`tes up` on free ports in `home`, yielding (environment, stack state); stops every process it started."""
     env = {**os.environ, "TES_HOME": str(home)}
     ports = [str(triton.free_port()) for _ in range(4)]
     up = subprocess.run([str(BIN / "tes"), "up", "--prefect-port", ports[0], "--http-port", ports[1],
@@ -43,13 +44,20 @@ def stack(tmp_path_factory):
         for line in prefect_env.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
-        yield home, env, state
+        yield env, state
     finally:
         state = json.loads(state_path.read_text()) if state_path.exists() else None
         subprocess.run([str(BIN / "tes"), "down"], env=env, capture_output=True, timeout=120)
         for part in ("prefect", "runner", "triton"):  # never leave a process behind, even when `tes down` failed
             if state and triton.pid_alive(state[part]["pid"]):
                 triton.stop(state[part]["pid"])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    with _stack(home) as (env, state):
+        yield home, env, state
 
 
 def _deployment_run(env: dict, *params: str) -> subprocess.CompletedProcess:
@@ -66,9 +74,9 @@ def test_deployment_run_trains_exports_and_serves(stack):
     ready = {e["name"]: e["version"] for e in client.model_states(url, state["triton"]["admin_key"]) if e.get("state") == "READY"}
     assert ready["digits-cnn"] == "1" and ready["digits-cnn-fp32"] == "1"
     summary = json.loads((Path(json.loads((home / ".tes" / "last-run.json").read_text())["run_dir"]) / "summary.json").read_text())
-    served = summary["stages"]["served_check"]["outputs"]
-    assert served["grpc"]["max_abs_diff_vs_in_process"] <= 1e-5 and served["variants"]["fp32"]["grpc"] <= 1e-5
-    assert served["grpc"]["top1_agreement_with_torch"] >= 0.9
+    served = summary["served_check"]["output"]
+    assert served["protocols"]["grpc"]["max_abs_diff_vs_in_process"] <= 1e-5 and served["variants"]["fp32"]["grpc"] <= 1e-5
+    assert served["protocols"]["grpc"]["top1_agreement_with_torch"] >= 0.9
 
 
 def test_invalid_parameter_exits_non_zero_and_creates_no_run(stack):
@@ -82,12 +90,13 @@ def test_invalid_parameter_exits_non_zero_and_creates_no_run(stack):
     assert (sorted((home / "runs").iterdir()) if (home / "runs").exists() else []) == runs_before
 
 
-def test_tes_down_leaves_no_process_and_no_port(stack):
-    home, env, state = stack
-    subprocess.run([str(BIN / "tes"), "down"], env=env, check=True, capture_output=True, timeout=120)
-    for part in ("prefect", "runner", "triton"):
-        assert not triton.pid_alive(state[part]["pid"]), part
-    for port in (state["prefect"]["port"], state["triton"]["http_port"], state["triton"]["grpc_port"], state["triton"]["metrics_port"]):
-        assert triton.port_is_free(port), port
-    assert not (home / ".tes" / "stack.json").exists()
-    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"tes{state['triton']['http_port']}_")]
+def test_tes_down_leaves_no_process_and_no_port(tmp_path):
+    with _stack(tmp_path) as (env, state):  # a stack of its own: the other tests keep theirs, in any order
+        subprocess.run([str(BIN / "tes"), "down"], env=env, check=True, capture_output=True, timeout=120)
+        for part in ("prefect", "runner", "triton"):
+            assert not triton.pid_alive(state[part]["pid"]), part
+        ports = (state["prefect"]["port"], state["triton"]["http_port"], state["triton"]["grpc_port"], state["triton"]["metrics_port"])
+        for port in ports:
+            assert triton.port_is_free(port), port
+        assert not (tmp_path / ".tes" / "stack.json").exists()
+        assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"tes{state['triton']['http_port']}_")]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from accounting.energy import Energy, EnergyMeter, NvmlReader, RaplReader, estimate
+from accounting.energy import DEFAULT_WATTS_PER_CORE, Energy, EnergyMeter, RaplReader, estimate
 
 
 def fake_rapl(root: Path, packages: dict[str, tuple[int, int]]) -> Path:
@@ -69,14 +69,21 @@ def test_nvml_energy_is_the_counter_difference_over_all_gpus(tmp_path: Path):
     assert readings["cpu"].kind == "estimated"
 
 
-def test_on_this_machine_energy_is_estimated_never_measured():
+def test_on_this_machine_each_counter_is_measured_or_says_why_it_is_estimated():
     meter = EnergyMeter()
     meter.start()
     readings = meter.stop(seconds=1.0, busy_cores=1.0)
-    if meter.rapl.read() is None:
-        assert readings["cpu"].kind == "estimated" and "declared" in readings["cpu"].method
-    if NvmlReader().read() is None:
-        assert readings.get("gpu", Energy("unavailable", None, "")).kind == "unavailable"
+    cpu = readings["cpu"]
+    if meter.rapl.read() is None:  # these machines: no readable RAPL
+        assert cpu.kind == "estimated" and "declared" in cpu.method and meter.rapl.reason in cpu.method
+        assert cpu.joules == pytest.approx(DEFAULT_WATTS_PER_CORE * 1.0 * 1.0)
+    else:  # a host whose RAPL counters this user can read
+        assert cpu.kind == "measured" and cpu.joules >= 0 and "RAPL" in cpu.method
+    gpu = readings.get("gpu")
+    if meter.nvml is None or not meter.nvml.handles:  # no GPU: nothing is reported for it
+        assert gpu is None and meter.nvml.reason
+    else:
+        assert gpu.kind == "measured" and gpu.joules >= 0 or gpu.kind == "unavailable" and gpu.method
 
 
 def test_estimate_is_proportional_to_busy_cores_and_time():
