@@ -17,6 +17,8 @@ demo: $(STAMP)
 	$(VENV)/bin/tes demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
 down: $(STAMP)

@@ -42,7 +42,11 @@ class RaplReader:
     """Sum of the RAPL package domains; `None` from `read()` when there are none or they are not readable."""
 
     def __init__(self, root: Path = RAPL_ROOT):
-        self.domains = sorted(p for p in root.glob("intel-rapl:*") if ":" in p.name and p.name.count(":") == 1) if root.is_dir() else []
+        self.domains = (
+            sorted(p for p in root.glob("intel-rapl:*") if ":" in p.name and p.name.count(":") == 1)
+            if root.is_dir()
+            else []
+        )
         self.reason = "" if self.domains else f"no RAPL package domains under {root}"
 
     def _read_domain(self, domain: Path) -> tuple[int, int]:
@@ -91,17 +95,28 @@ class NvmlReader:
             return None
 
 
-def estimate(seconds: float, busy_cores: float, watts_per_core: float = DEFAULT_WATTS_PER_CORE, cores: int | None = None) -> Energy:
+def estimate(
+    seconds: float, busy_cores: float, watts_per_core: float = DEFAULT_WATTS_PER_CORE, cores: int | None = None
+) -> Energy:
     """Declared model: watts per busy core x busy cores (at most the cores there are) x wall time."""
     busy = min(max(0.0, busy_cores), cores or os.cpu_count() or 1)
-    return Energy("estimated", watts_per_core * busy * seconds,
-                  f"{watts_per_core:.1f} W per busy core (declared) x {busy:.2f} busy cores x {seconds:.1f} s")
+    return Energy(
+        "estimated",
+        watts_per_core * busy * seconds,
+        f"{watts_per_core:.1f} W per busy core (declared) x {busy:.2f} busy cores x {seconds:.1f} s",
+    )
 
 
 class EnergyMeter:
     """Reads every available counter at `start()` and `stop()`; falls back to the estimate, never raises."""
 
-    def __init__(self, rapl_root: Path = RAPL_ROOT, nvml: Any = None, watts_per_core: float = DEFAULT_WATTS_PER_CORE, use_gpu: bool = True):
+    def __init__(
+        self,
+        rapl_root: Path = RAPL_ROOT,
+        nvml: Any = None,
+        watts_per_core: float = DEFAULT_WATTS_PER_CORE,
+        use_gpu: bool = True,
+    ):
         self.rapl, self.nvml = RaplReader(rapl_root), (NvmlReader(nvml) if use_gpu else None)
         self.watts_per_core = watts_per_core
         self._rapl_start = self._nvml_start = None
@@ -114,12 +129,17 @@ class EnergyMeter:
         readings: dict[str, Energy] = {}
         rapl_end = self.rapl.read() if self._rapl_start else None
         if self._rapl_start and rapl_end:
-            readings["cpu"] = Energy("measured", RaplReader.joules_between(self._rapl_start, rapl_end), "RAPL package energy counters")
+            readings["cpu"] = Energy(
+                "measured", RaplReader.joules_between(self._rapl_start, rapl_end), "RAPL package energy counters"
+            )
         else:
             readings["cpu"] = estimate(seconds, busy_cores, self.watts_per_core)
             readings["cpu"].method += f"; no measurement: {self.rapl.reason}"
         if self.nvml is not None and self.nvml.handles:  # no GPU: nothing to report for it
             end = self.nvml.read() if self._nvml_start is not None else None
-            readings["gpu"] = (Energy("measured", (end - self._nvml_start) / 1e3, "NVML total-energy counter")
-                               if end is not None else Energy("unavailable", None, self.nvml.reason))
+            readings["gpu"] = (
+                Energy("measured", (end - self._nvml_start) / 1e3, "NVML total-energy counter")
+                if end is not None
+                else Energy("unavailable", None, self.nvml.reason)
+            )
         return readings

@@ -46,7 +46,9 @@ def inference_flops_per_sample(recipe: Recipe, model: torch.nn.Module) -> int:
 
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Parameters of every linear layer, a tied weight counted once per layer that multiplies by it."""
-    return sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
+    return sum(
+        p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False)
+    )
 
 
 def six_n_d(model: torch.nn.Module, tokens: int) -> int:

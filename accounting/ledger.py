@@ -33,11 +33,14 @@ class Prices(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    usd_per_device_hour: dict[str, float] = Field(default_factory=lambda: {"cpu": 0.10, "cuda": 3.00},
-                                                  description="rental price of the device the stage ran on")
+    usd_per_device_hour: dict[str, float] = Field(
+        default_factory=lambda: {"cpu": 0.10, "cuda": 3.00}, description="rental price of the device the stage ran on"
+    )
     usd_per_kwh: float = Field(0.15, ge=0)
     grid_g_co2e_per_kwh: float = Field(400.0, ge=0, description="carbon intensity of the electricity")
-    cpu_watts_per_busy_core: float = Field(DEFAULT_WATTS_PER_CORE, gt=0, description="for the energy estimate where nothing is measured")
+    cpu_watts_per_busy_core: float = Field(
+        DEFAULT_WATTS_PER_CORE, gt=0, description="for the energy estimate where nothing is measured"
+    )
 
 
 @dataclass
@@ -81,8 +84,12 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["energy"] = {name: e.to_dict() for name, e in self.energy.items()}
-        data.update(achieved_flops_per_s=self.achieved_flops_per_s, utilization=self.utilization, joules=self.joules,
-                    energy_kind=self.energy_kind)
+        data.update(
+            achieved_flops_per_s=self.achieved_flops_per_s,
+            utilization=self.utilization,
+            joules=self.joules,
+            energy_kind=self.energy_kind,
+        )
         return data
 
 
@@ -148,8 +155,12 @@ class Ledger:
     def _price(self, entry: Entry) -> None:
         rate = self.prices.usd_per_device_hour.get(entry.device.split(":")[0])
         joules = entry.joules
-        entry.inputs = {"usd_per_device_hour": rate, "usd_per_kwh": self.prices.usd_per_kwh,
-                        "grid_g_co2e_per_kwh": self.prices.grid_g_co2e_per_kwh, "energy_kind": entry.energy_kind}
+        entry.inputs = {
+            "usd_per_device_hour": rate,
+            "usd_per_kwh": self.prices.usd_per_kwh,
+            "grid_g_co2e_per_kwh": self.prices.grid_g_co2e_per_kwh,
+            "energy_kind": entry.energy_kind,
+        }
         device_cost = rate * entry.device_count * entry.wall_s / 3600 if rate is not None else 0.0
         energy_kwh = joules / 3.6e6 if joules is not None else None
         entry.cost_usd = device_cost + (energy_kwh * self.prices.usd_per_kwh if energy_kwh is not None else 0.0)
@@ -168,27 +179,44 @@ class Ledger:
         return atomic_write_json(path, self.to_dict())
 
 
-def payback_inferences(build_joules: float, baseline_j_per_inference: float, variant_j_per_inference: float) -> float | None:
+def payback_inferences(
+    build_joules: float, baseline_j_per_inference: float, variant_j_per_inference: float
+) -> float | None:
     """How many served inferences repay the energy spent building a cheaper variant; None if it saves nothing."""
     saving = baseline_j_per_inference - variant_j_per_inference
     return build_joules / saving if saving > 0 else None
 
 
 def render_markdown(data: dict[str, Any]) -> str:
-    lines = ["| stage | device | wall | peak host mem | FLOPs | achieved | utilization | energy | cost | CO2e |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| stage | device | wall | peak host mem | FLOPs | achieved | utilization | energy | cost | CO2e |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for e in data["entries"]:
         energy = "; ".join(Energy(**v).label() for v in e["energy"].values()) or "n/a"
         flops = f"{e['flops']:.3g}" if e["flops"] else "-"
         achieved = f"{e['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s" if e["achieved_flops_per_s"] else "-"
-        utilization = f"{100 * e['utilization']:.2f}% of {e['peak_flops_per_s'] / 1e9:.0f} GFLOP/s" if e["utilization"] else "-"
-        co2 = f"{e['co2e_g']:.3f} g" + (" (est.)" if e["energy_kind"] == "estimated" else "") if e["co2e_g"] is not None else "-"
-        lines.append(f"| {e['stage']} | {e['device']} x{e['device_count']} | {e['wall_s']:.1f} s | {e['peak_host_mb']:.0f} MB | {flops} | "
-                     f"{achieved} | {utilization} | {energy} | ${e['cost_usd']:.5f} | {co2} |")
+        utilization = (
+            f"{100 * e['utilization']:.2f}% of {e['peak_flops_per_s'] / 1e9:.0f} GFLOP/s" if e["utilization"] else "-"
+        )
+        co2 = (
+            f"{e['co2e_g']:.3f} g" + (" (est.)" if e["energy_kind"] == "estimated" else "")
+            if e["co2e_g"] is not None
+            else "-"
+        )
+        lines.append(
+            f"| {e['stage']} | {e['device']} x{e['device_count']} | {e['wall_s']:.1f} s | {e['peak_host_mb']:.0f} MB "
+            f"| {flops} | "
+            f"{achieved} | {utilization} | {energy} | ${e['cost_usd']:.5f} | {co2} |"
+        )
     prices = data["prices"]
-    lines += ["", f"Prices: {prices['usd_per_device_hour']} USD per device-hour, {prices['usd_per_kwh']} USD/kWh, "
-              f"{prices['grid_g_co2e_per_kwh']} g CO2e/kWh; estimates assume {prices['cpu_watts_per_busy_core']} W per busy CPU core. "
-              "ESTIMATED energy comes from a declared model, not a meter."]
+    lines += [
+        "",
+        f"Prices: {prices['usd_per_device_hour']} USD per device-hour, {prices['usd_per_kwh']} USD/kWh, "
+        f"{prices['grid_g_co2e_per_kwh']} g CO2e/kWh; estimates assume {prices['cpu_watts_per_busy_core']} W per "
+        "busy CPU core. "
+        "ESTIMATED energy comes from a declared model, not a meter.",
+    ]
     for e in data["entries"]:
         lines += [f"- {e['stage']}: {note}" for note in e["notes"]]
     return "\n".join(lines) + "\n"
@@ -214,4 +242,3 @@ def plot_costs(path: Path, data: dict[str, Any]) -> Path:
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     plt.close(figure)
     return path
-

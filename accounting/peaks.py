@@ -24,8 +24,12 @@ GPU_PEAK_TFLOPS = {  # dense TFLOP/s (INT8: TOP/s)
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0, "int8": 624.0},
 }
 CPU_PER_CYCLE = {  # per core per cycle, by the instruction set that runs the precision
-    ("amx_bf16", "bf16"): 1024, ("amx_int8", "int8"): 2048, ("avx512_vnni", "int8"): 256,
-    ("avx512_bf16", "bf16"): 128, ("avx512f", "fp32"): 64, ("avx2", "fp32"): 32,
+    ("amx_bf16", "bf16"): 1024,
+    ("amx_int8", "int8"): 2048,
+    ("avx512_vnni", "int8"): 256,
+    ("avx512_bf16", "bf16"): 128,
+    ("avx512f", "fp32"): 64,
+    ("avx2", "fp32"): 32,
 }
 
 
@@ -42,13 +46,18 @@ def cpu_flags_and_clock(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[set[str]
     return flags, (mhz / 1e3 if mhz else None)
 
 
-def cpu_peak_flops(precision: str, cores: int | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[float | None, str]:
+def cpu_peak_flops(
+    precision: str, cores: int | None = None, cpuinfo: Path = Path("/proc/cpuinfo")
+) -> tuple[float | None, str]:
     """Peak FLOP/s of this CPU for `precision` (fp32, bf16, int8), with how it was derived."""
     flags, ghz = cpu_flags_and_clock(cpuinfo)
     cores = cores or os.cpu_count() or 1
     for (flag, kind), per_cycle in sorted(CPU_PER_CYCLE.items(), key=lambda item: -item[1]):
         if kind == precision and flag in flags and ghz:
-            return per_cycle * cores * ghz * 1e9, f"{flag}: {per_cycle} FLOP/cycle/core x {cores} cores x {ghz:.2f} GHz (upper bound)"
+            return (
+                per_cycle * cores * ghz * 1e9,
+                f"{flag}: {per_cycle} FLOP/cycle/core x {cores} cores x {ghz:.2f} GHz (upper bound)",
+            )
     if precision != "fp32":
         return cpu_peak_flops("fp32", cores, cpuinfo)
     return None, "no clock or vector flags in /proc/cpuinfo"

@@ -24,6 +24,7 @@ from training.loop import TrainOutput
 
 def measured(ledger: Ledger, call: Callable, device: str) -> Callable:
     """`call` with every stage inside a ledger entry."""
+
     def measured_call(stage: str, function: Callable, *args: Any) -> StageResult:
         on_gpu = stage == "train" and device.startswith("cuda")
         if on_gpu:
@@ -47,8 +48,14 @@ def _entry(ledger: Ledger, stage: str) -> Entry | None:
     return next((e for e in ledger.entries if e.stage == stage), None)
 
 
-def enrich(ledger: Ledger, recipe: Recipe, batch_size: int, train: StageResult[TrainOutput] | None,
-           precision: StageResult[PrecisionOutput] | None, bench: StageResult[BenchmarkOutput] | None) -> dict[str, Any]:
+def enrich(
+    ledger: Ledger,
+    recipe: Recipe,
+    batch_size: int,
+    train: StageResult[TrainOutput] | None,
+    precision: StageResult[PrecisionOutput] | None,
+    bench: StageResult[BenchmarkOutput] | None,
+) -> dict[str, Any]:
     """FLOPs (training at `batch_size` samples per step), peaks, serving energy and pay-back; returns the extra
     figures kept beside the entries."""
     extra: dict[str, Any] = {"matmul_fp32_flops_per_s_measured": measured_matmul_flops()}
@@ -64,8 +71,11 @@ def enrich(ledger: Ledger, recipe: Recipe, batch_size: int, train: StageResult[T
             rule = six_n_d(model, tokens_per_step(recipe, batch_size) * steps)
             entry.notes.append(f"6·N·D rule of thumb: {rule:.3g} FLOPs (counted / rule = {entry.flops / rule:.3f})")
         device, bf16 = train.output.device, train.output.autocast_bf16
-        entry.peak_flops_per_s, entry.peak_method = (gpu_peak_flops(_gpu_name(), "bf16" if bf16 else "fp32") if device.startswith("cuda")
-                                                     else cpu_peak_flops("fp32"))
+        entry.peak_flops_per_s, entry.peak_method = (
+            gpu_peak_flops(_gpu_name(), "bf16" if bf16 else "fp32")
+            if device.startswith("cuda")
+            else cpu_peak_flops("fp32")
+        )
     _per_variant(ledger, precision, per_sample)
     extra["serving"] = _serving(ledger, bench, per_sample)
     extra["payback"] = _payback(ledger, precision)
@@ -82,12 +92,28 @@ def _per_variant(ledger: Ledger, precision: StageResult[PrecisionOutput] | None,
     total_cpu = sum(v.build_cpu_seconds for v in variants) or 1.0
     for variant in variants:
         share = variant.build_cpu_seconds / total_cpu
-        energy = {name: Energy(e.kind, e.joules * share if e.joules is not None else None,
-                               f"{share:.0%} of the precision stage's energy ({e.method})") for name, e in entry.energy.items()}
-        ledger.add(Entry(stage=f"precision:{variant.name}", device=entry.device, wall_s=variant.build_seconds,
-                         peak_host_mb=entry.peak_host_mb, busy_cores=variant.build_cpu_seconds / max(variant.build_seconds, 1e-9),
-                         energy=energy, notes=[f"{variant.status}; inference {flops_per_sample:.3g} FLOPs per sample (the same graph; "
-                                                    "precision changes the arithmetic's width, not its count); peak memory is the stage's"]))
+        energy = {
+            name: Energy(
+                e.kind,
+                e.joules * share if e.joules is not None else None,
+                f"{share:.0%} of the precision stage's energy ({e.method})",
+            )
+            for name, e in entry.energy.items()
+        }
+        ledger.add(
+            Entry(
+                stage=f"precision:{variant.name}",
+                device=entry.device,
+                wall_s=variant.build_seconds,
+                peak_host_mb=entry.peak_host_mb,
+                busy_cores=variant.build_cpu_seconds / max(variant.build_seconds, 1e-9),
+                energy=energy,
+                notes=[
+                    f"{variant.status}; inference {flops_per_sample:.3g} FLOPs per sample (the same graph; "
+                    "precision changes the arithmetic's width, not its count); peak memory is the stage's"
+                ],
+            )
+        )
 
 
 def _gpu_name() -> str:
@@ -113,12 +139,23 @@ def _serving(ledger: Ledger, bench: StageResult[BenchmarkOutput] | None, flops_p
         else:
             cores = point.client_cpu_cores + (point.server_cpu_cores or 0.0)
             watts = ledger.prices.cpu_watts_per_busy_core * cores
-            method = (f"estimated: {ledger.prices.cpu_watts_per_busy_core} W per busy core x {cores:.2f} cores "
-                      f"({'client + server' if point.server_cpu_cores is not None else 'client only: server not local'})")
+            method = (
+                f"estimated: {ledger.prices.cpu_watts_per_busy_core} W per busy core x {cores:.2f} cores "
+                f"({'client + server' if point.server_cpu_cores is not None else 'client only: server not local'})"
+            )
         joules = watts / point.throughput
-        rows.append({"protocol": point.protocol, "mode": point.mode, "load": point.load, "energy_kind": "measured" if measured else "estimated",
-                     "method": method, "joules_per_inference": joules, "inferences_per_joule": 1 / joules if joules else None,
-                     "p50_ms_per_gflop": point.latency_ms.get("p50", 0) / (flops_per_inference / 1e9)})
+        rows.append(
+            {
+                "protocol": point.protocol,
+                "mode": point.mode,
+                "load": point.load,
+                "energy_kind": "measured" if measured else "estimated",
+                "method": method,
+                "joules_per_inference": joules,
+                "inferences_per_joule": 1 / joules if joules else None,
+                "p50_ms_per_gflop": point.latency_ms.get("p50", 0) / (flops_per_inference / 1e9),
+            }
+        )
     return rows
 
 
@@ -139,9 +176,16 @@ def _payback(ledger: Ledger, precision: StageResult[PrecisionOutput] | None) -> 
         own = _entry(ledger, f"precision:{variant.name}")
         build = own.joules if own and own.joules is not None else 0.0
         per_inference, baseline = watts / variant.throughput_per_s, watts / fp32.throughput_per_s
-        rows.append({"variant": variant.name, "build_joules": build, "energy_kind": entry.energy_kind,
-                     "joules_per_inference": per_inference, "fp32_joules_per_inference": baseline,
-                     "payback_inferences": payback_inferences(build, baseline, per_inference)})
+        rows.append(
+            {
+                "variant": variant.name,
+                "build_joules": build,
+                "energy_kind": entry.energy_kind,
+                "joules_per_inference": per_inference,
+                "fp32_joules_per_inference": baseline,
+                "payback_inferences": payback_inferences(build, baseline, per_inference),
+            }
+        )
     return rows
 
 
@@ -155,12 +199,25 @@ def write(ledger: Ledger, extra: dict[str, Any], json_path: Path, plot_path: Pat
 
 def render_ledger(data: dict[str, Any]) -> str:
     lines = [render_markdown(data)]
-    lines.append(f"Inference: {data['inference_flops_per_sample']:.3g} FLOPs per sample; this machine's numpy FP32 matmul reaches "
-                 f"{data['matmul_fp32_flops_per_s_measured'] / 1e9:.1f} GFLOP/s.")
+    lines.append(
+        f"Inference: {data['inference_flops_per_sample']:.3g} FLOPs per sample; this machine's numpy FP32 matmul "
+        "reaches "
+        f"{data['matmul_fp32_flops_per_s_measured'] / 1e9:.1f} GFLOP/s."
+    )
     for row in data.get("serving", []):
-        lines.append(f"- serving {row['protocol']} {row['mode']} {row['load']:.0f}: {row['joules_per_inference']:.4f} J/inference "
-                     f"({row['inferences_per_joule']:.1f} inferences/J; {row['method']}), p50 {row['p50_ms_per_gflop']:.3f} ms per GFLOP")
+        lines.append(
+            f"- serving {row['protocol']} {row['mode']} {row['load']:.0f}: {row['joules_per_inference']:.4f} "
+            "J/inference "
+            f"({row['inferences_per_joule']:.1f} inferences/J; {row['method']}), p50 {row['p50_ms_per_gflop']:.3f} "
+            "ms per GFLOP"
+        )
     for row in data.get("payback", []):
-        pays = f"{row['payback_inferences']:.3g} inferences" if row["payback_inferences"] else "never (it is not cheaper per inference)"
-        lines.append(f"- pay-back of {row['variant']}: {pays} ({row['energy_kind']}; its build took {row['build_joules']:.1f} J)")
+        pays = (
+            f"{row['payback_inferences']:.3g} inferences"
+            if row["payback_inferences"]
+            else "never (it is not cheaper per inference)"
+        )
+        lines.append(
+            f"- pay-back of {row['variant']}: {pays} ({row['energy_kind']}; its build took {row['build_joules']:.1f} J)"
+        )
     return "\n".join(lines) + "\n"

@@ -22,8 +22,8 @@ from typing import Literal
 import numpy as np
 import psutil
 
-from core.errors import InferenceError, ServerError
 from bench.senders import open_sender
+from core.errors import InferenceError, ServerError
 from serving.client import connect
 
 Protocol = Literal["http", "grpc"]
@@ -47,8 +47,8 @@ class Window:
     errors: int
     server: dict[str, float]  # part -> total ns over the window, plus "count"
     client_cpu_s: float
-    delayed: int = 0
-    server_cpu_s: float | None = None  # the server's processes, when the load generator knows their pid  # open loop: requests sent more than 2 ms after they were due
+    delayed: int = 0  # open loop: requests sent more than 2 ms after they were due
+    server_cpu_s: float | None = None  # the server's processes, when the load generator knows their pid
 
     @property
     def throughput(self) -> float:
@@ -71,7 +71,9 @@ class LoadPoint:
     throughput: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p90, p95, p99, mean
     latency_ci_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% distribution-free CIs
-    server_us: dict[str, float] = field(default_factory=dict)  # per request: queue, compute_input, compute_infer, compute_output
+    server_us: dict[str, float] = field(
+        default_factory=dict
+    )  # per request: queue, compute_input, compute_infer, compute_output
     client_cpu_cores: float = 0.0
     server_cpu_cores: float | None = None
     delayed_fraction: float = 0.0
@@ -115,8 +117,11 @@ class _StatsReader:
     def _read(self) -> dict[str, float]:
         try:
             # a deadline on gRPC too: a frozen server must end the benchmark with an error, never hang it
-            stats = self._client.get_inference_statistics(self._model, as_json=True, client_timeout=self._timeout_s) \
-                if self._protocol == "grpc" else self._client.get_inference_statistics(self._model)
+            stats = (
+                self._client.get_inference_statistics(self._model, as_json=True, client_timeout=self._timeout_s)
+                if self._protocol == "grpc"
+                else self._client.get_inference_statistics(self._model)
+            )
         except Exception as error:  # refused connections come as several types
             raise ServerError(f"cannot read Triton statistics of '{self._model}' at {self._url}: {error}") from error
         totals = {part: 0.0 for part in STAT_PARTS}
@@ -241,15 +246,25 @@ def _tree_cpu_s(process: psutil.Process | None) -> float | None:
         return None
 
 
-def measure(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.ndarray]], *,
-            concurrency: int | None = None, rate: float | None = None, settings: LoadSettings = LoadSettings(),
-            server_pid: int | None = None) -> LoadPoint:
+def measure(
+    url: str,
+    protocol: Protocol,
+    model: str,
+    inputs: list[dict[str, np.ndarray]],
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    settings: LoadSettings = LoadSettings(),
+    server_pid: int | None = None,
+) -> LoadPoint:
     """One load point: closed loop at `concurrency`, or open loop at `rate` requests/s. With `server_pid` (a local
     server), the server's own CPU use is measured too."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency or rate")
     if not inputs or all(not np.any(array) for case in inputs for array in case.values()):
-        raise ValueError("inputs must be real samples (for example the recipe's validation split), not empty or all zeros")
+        raise ValueError(
+            "inputs must be real samples (for example the recipe's validation split), not empty or all zeros"
+        )
     stats = _StatsReader(url, protocol, model, settings.timeout_s)
     recorder, stop, me = _Recorder(), threading.Event(), psutil.Process()
     server = psutil.Process(server_pid) if server_pid else None
@@ -266,10 +281,19 @@ def measure(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.
             latencies, errors, delayed = recorder.drain()
             seconds = time.perf_counter() - started
             server_after = _tree_cpu_s(server)
-            server_cpu = server_after - server_before if server_before is not None and server_after is not None else None
-            windows.append(Window(seconds, latencies, errors, stats.delta(), sum(me.cpu_times()[:2]) - cpu_before, delayed, server_cpu))
+            server_cpu = (
+                server_after - server_before if server_before is not None and server_after is not None else None
+            )
+            windows.append(
+                Window(
+                    seconds, latencies, errors, stats.delta(), sum(me.cpu_times()[:2]) - cpu_before, delayed, server_cpu
+                )
+            )
             if errors and not latencies:
-                raise InferenceError(f"every request to '{model}' over {protocol} failed in a {seconds:.1f} s window: {recorder.first_error}")
+                raise InferenceError(
+                    f"every request to '{model}' over {protocol} failed in a {seconds:.1f} s window: "
+                    f"{recorder.first_error}"
+                )
     finally:
         stop.set()
         for thread in threads:
@@ -283,10 +307,22 @@ def _merge(model, protocol, mode, load, windows: list[Window], settings: LoadSet
     used = windows[-3:]
     latencies = np.sort(np.concatenate([w.latencies_ms for w in used])) if used else np.array([])
     seconds = sum(w.seconds for w in used)
-    point = LoadPoint(model, protocol, mode, float(load), requests=len(latencies), errors=sum(w.errors for w in used),
-                      seconds=seconds, throughput=len(latencies) / seconds if seconds else 0.0, windows=len(windows), stable=stable)
+    point = LoadPoint(
+        model,
+        protocol,
+        mode,
+        float(load),
+        requests=len(latencies),
+        errors=sum(w.errors for w in used),
+        seconds=seconds,
+        throughput=len(latencies) / seconds if seconds else 0.0,
+        windows=len(windows),
+        stable=stable,
+    )
     if len(latencies):
-        point.latency_ms = {f"p{q}": float(np.percentile(latencies, q)) for q in PERCENTILES} | {"mean": float(latencies.mean())}
+        point.latency_ms = {f"p{q}": float(np.percentile(latencies, q)) for q in PERCENTILES} | {
+            "mean": float(latencies.mean())
+        }
         point.latency_ci_ms = {f"p{q}": percentile_ci(latencies, q / 100) for q in PERCENTILES}
     count = sum(w.server.get("count", 0) for w in used)
     if count:
@@ -297,18 +333,36 @@ def _merge(model, protocol, mode, load, windows: list[Window], settings: LoadSet
     attempted = len(latencies) + point.errors
     point.delayed_fraction = sum(w.delayed for w in used) / attempted if attempted else 0.0
     if not stable:
-        point.warnings.append(f"unstable: the last three of {len(windows)} windows did not agree within {settings.stability:.0%}")
+        point.warnings.append(
+            f"unstable: the last three of {len(windows)} windows did not agree within {settings.stability:.0%}"
+        )
     if point.client_cpu_cores > 0.85:  # a Python client is bound to about one core by the GIL
-        point.warnings.append(f"the load generator used {point.client_cpu_cores:.2f} cores: it, not the server, may be the bottleneck")
+        point.warnings.append(
+            f"the load generator used {point.client_cpu_cores:.2f} cores: it, not the server, may be the bottleneck"
+        )
     if point.delayed_fraction > 0.1:
-        point.warnings.append(f"{point.delayed_fraction:.0%} of requests were sent late: the offered rate was not reached")
+        point.warnings.append(
+            f"{point.delayed_fraction:.0%} of requests were sent late: the offered rate was not reached"
+        )
     if os.cpu_count() and os.cpu_count() <= 2:
-        point.warnings.append("client and server share a 2-core machine: absolute figures are pessimistic; compare ratios")
+        point.warnings.append(
+            "client and server share a 2-core machine: absolute figures are pessimistic; compare ratios"
+        )
     return point
 
 
-def sweep(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.ndarray]], *, concurrencies=(), rates=(),
-          settings: LoadSettings = LoadSettings(), progress=None, server_pid: int | None = None) -> list[LoadPoint]:
+def sweep(
+    url: str,
+    protocol: Protocol,
+    model: str,
+    inputs: list[dict[str, np.ndarray]],
+    *,
+    concurrencies=(),
+    rates=(),
+    settings: LoadSettings = LoadSettings(),
+    progress=None,
+    server_pid: int | None = None,
+) -> list[LoadPoint]:
     """Every concurrency, then every rate; `progress(point)` is called after each."""
     points = []
     for kind, values in (("concurrency", concurrencies), ("rate", rates)):
@@ -322,5 +376,7 @@ def sweep(url: str, protocol: Protocol, model: str, inputs: list[dict[str, np.nd
 
 def best_rate_under(points: list[LoadPoint], p99_budget_ms: float) -> LoadPoint | None:
     """MLPerf "server" style: the highest offered rate whose p99 stays within the budget, without errors."""
-    fitting = [p for p in points if p.mode == "rate" and not p.errors and p.latency_ms.get("p99", math.inf) <= p99_budget_ms]
+    fitting = [
+        p for p in points if p.mode == "rate" and not p.errors and p.latency_ms.get("p99", math.inf) <= p99_budget_ms
+    ]
     return max(fitting, key=lambda p: p.load, default=None)

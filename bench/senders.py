@@ -49,15 +49,17 @@ def decode_answer(protocol: Protocol, answer: bytes) -> dict[str, np.ndarray]:
     """Every output of an undecoded answer by name (binary outputs, as the senders ask for)."""
     if protocol == "grpc":
         response = service_pb2.ModelInferResponse.FromString(answer)
-        return {output.name: np.frombuffer(data, triton_to_np_dtype(output.datatype)).reshape(output.shape)
-                for output, data in zip(response.outputs, response.raw_output_contents)}
+        return {
+            output.name: np.frombuffer(data, triton_to_np_dtype(output.datatype)).reshape(output.shape)
+            for output, data in zip(response.outputs, response.raw_output_contents)
+        }
     header, offset = json.JSONDecoder().raw_decode(answer.decode("latin-1"))  # latin-1: one char per byte
     arrays = {}
     for output in header.get("outputs", []):
         size = output.get("parameters", {}).get("binary_data_size")
         if size is None:
             raise InferenceError(f"output '{output.get('name')}': expected binary data, got JSON values")
-        data = answer[offset:offset + size]
+        data = answer[offset : offset + size]
         arrays[output["name"]] = np.frombuffer(data, triton_to_np_dtype(output["datatype"])).reshape(output["shape"])
         offset += size
     return arrays
@@ -88,10 +90,13 @@ class _Sender:
         try:
             outputs = decode_answer(self._protocol, answer)
         except (ValueError, KeyError, TypeError) as error:
-            raise InferenceError(f"model '{self._model}' at {self._url} over {self._protocol}: "
-                                 f"the answer could not be decoded ({error})") from error
+            raise InferenceError(
+                f"model '{self._model}' at {self._url} over {self._protocol}: the answer could not be decoded ({error})"
+            ) from error
         if not outputs:
-            raise InferenceError(f"model '{self._model}' at {self._url} over {self._protocol}: expected outputs, got none")
+            raise InferenceError(
+                f"model '{self._model}' at {self._url} over {self._protocol}: expected outputs, got none"
+            )
         self._checked = True
 
 
@@ -104,9 +109,14 @@ class GrpcSender(_Sender):
         super().__init__(url, model, inputs, timeout_s)
         self._requests = [self._serialize(case) for case in inputs]
         # No proxy: a benchmark measures the server, and a proxy in the environment would reroute loopback.
-        self._channel = grpc.insecure_channel(url, options=[("grpc.max_send_message_length", _MAX_MESSAGE),
-                                                            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-                                                            ("grpc.enable_http_proxy", 0)])
+        self._channel = grpc.insecure_channel(
+            url,
+            options=[
+                ("grpc.max_send_message_length", _MAX_MESSAGE),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                ("grpc.enable_http_proxy", 0),
+            ],
+        )
         self._infer = self._channel.unary_unary(_MODEL_INFER)  # bytes in, bytes out
         self._live = self._channel.unary_unary(_SERVER_LIVE)
 
@@ -161,23 +171,39 @@ class HttpSender(_Sender):
     @staticmethod
     def _serialize(case: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
         buffers = [np.ascontiguousarray(array).tobytes() for array in case.values()]
-        header = {"inputs": [{"name": name, "shape": list(array.shape), "datatype": np_to_triton_dtype(array.dtype),
-                              "parameters": {"binary_data_size": len(data)}}
-                             for (name, array), data in zip(case.items(), buffers)],
-                  "parameters": {"binary_data_output": True}}  # every output as raw bytes, not JSON numbers
+        header = {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": np_to_triton_dtype(array.dtype),
+                    "parameters": {"binary_data_size": len(data)},
+                }
+                for (name, array), data in zip(case.items(), buffers)
+            ],
+            "parameters": {"binary_data_output": True},
+        }  # every output as raw bytes, not JSON numbers
         head = json.dumps(header).encode()
-        return head + b"".join(buffers), {"Inference-Header-Content-Length": str(len(head)),
-                                          "Content-Type": "application/octet-stream"}
+        return head + b"".join(buffers), {
+            "Inference-Header-Content-Length": str(len(head)),
+            "Content-Type": "application/octet-stream",
+        }
 
     def _message(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self._address[0]}:{self._address[1]}", *(f"{k}: {v}" for k, v in headers.items())]
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {self._address[0]}:{self._address[1]}",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
         if method == "POST":
             lines.append(f"Content-Length: {len(body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def _connect(self) -> socket.socket:
         if self._socket is None:
-            connection = socket.create_connection(self._address, timeout=self._timeout_s)  # timeout per socket operation
+            connection = socket.create_connection(
+                self._address, timeout=self._timeout_s
+            )  # timeout per socket operation
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._socket, self._buffer = connection, b""
         return self._socket
@@ -185,7 +211,7 @@ class HttpSender(_Sender):
     def _read_until(self, connection: socket.socket, marker: bytes) -> bytes:
         while (end := self._buffer.find(marker)) < 0:
             self._fill(connection)
-        taken, self._buffer = self._buffer[:end], self._buffer[end + len(marker):]
+        taken, self._buffer = self._buffer[:end], self._buffer[end + len(marker) :]
         return taken
 
     def _read_exactly(self, connection: socket.socket, size: int) -> bytes:
@@ -206,7 +232,9 @@ class HttpSender(_Sender):
         connection.sendall(message)
         status_line, *header_lines = self._read_until(connection, b"\r\n\r\n").decode("latin-1").split("\r\n")
         status = int(status_line.split(" ", 2)[1])
-        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+        headers = {
+            name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)
+        }
         if "chunked" in headers.get("transfer-encoding", "").lower():
             parts = []
             while size := int(self._read_until(connection, b"\r\n").split(b";")[0], 16):
@@ -224,8 +252,9 @@ class HttpSender(_Sender):
             status, answer, keep = self._exchange(message)
         except (OSError, ValueError, IndexError) as error:  # refused, reset, timed out, half-closed, garbled
             self.close()  # the next call reconnects
-            raise InferenceError(f"{what} at {self._url} over http: no answer ({type(error).__name__}: {error})"
-                                 f"{_RETRY_HINT}") from error
+            raise InferenceError(
+                f"{what} at {self._url} over http: no answer ({type(error).__name__}: {error}){_RETRY_HINT}"
+            ) from error
         if not keep:
             self.close()
         if status != 200:
@@ -264,7 +293,9 @@ def transport_floor_ms(sender: Sender, calls: int = 200) -> float:
     return statistics.median(times) * 1e3
 
 
-def open_sender(protocol: Protocol, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0) -> Sender:
+def open_sender(
+    protocol: Protocol, url: str, model: str, inputs: list[dict[str, np.ndarray]], timeout_s: float = 10.0
+) -> Sender:
     if protocol == "grpc":
         return GrpcSender(url, model, inputs, timeout_s)
     if protocol == "http":

@@ -1,7 +1,7 @@
 """Soak: steady load for a while, every response checked against its expected output, server memory sampled.
 
-    from bench.soak import soak
-    report = soak(server.grpc_url, "grpc", "stdlib-gpt", cases, seconds=180, concurrency=4, server_pid=server.pid)
+from bench.soak import soak
+report = soak(server.grpc_url, "grpc", "stdlib-gpt", cases, seconds=180, concurrency=4, server_pid=server.pid)
 """
 
 from __future__ import annotations
@@ -42,8 +42,17 @@ def _tree_rss_mb(process: psutil.Process) -> float:
         return 0.0
 
 
-def soak(url: str, protocol: str, model: str, cases: list[tuple[dict[str, np.ndarray], np.ndarray]], seconds: float,
-         concurrency: int = 4, atol: float = 1e-5, server_pid: int | None = None, timeout_s: float = 30.0) -> SoakReport:
+def soak(
+    url: str,
+    protocol: str,
+    model: str,
+    cases: list[tuple[dict[str, np.ndarray], np.ndarray]],
+    seconds: float,
+    concurrency: int = 4,
+    atol: float = 1e-5,
+    server_pid: int | None = None,
+    timeout_s: float = 30.0,
+) -> SoakReport:
     """`concurrency` closed-loop workers cycle through `cases` (inputs, expected first output) for `seconds`."""
     report, lock, stop = SoakReport(seconds, concurrency), threading.Lock(), threading.Event()
 
@@ -56,7 +65,10 @@ def soak(url: str, protocol: str, model: str, cases: list[tuple[dict[str, np.nda
                 index += 1
                 try:
                     got = next(iter(infer(url, model, inputs, protocol, client=client, timeout_s=timeout_s).values()))  # type: ignore[arg-type]
-                    ok, problem = got.shape == expected.shape and np.allclose(got, expected, rtol=0, atol=atol), "wrong answer"
+                    ok, problem = (
+                        got.shape == expected.shape and np.allclose(got, expected, rtol=0, atol=atol),
+                        "wrong answer",
+                    )
                 except InferenceError as error:
                     ok, problem = None, str(error)
                 with lock:

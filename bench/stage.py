@@ -11,7 +11,6 @@ The caller resolves which Triton to measure (`serving.triton.Endpoint`) and pass
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Callable, Literal
@@ -21,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 from bench import loadgen, output, system
 from bench.loadgen import LoadPoint
 from core import paths
-from core.errors import TesError
 from core.results import Artifact, RunDir, StageOutput, StageResult, Status, new_run_id, timed
 from core.runtimes import measure_speed, open_session
 from recipes import Recipe, build_recipe
@@ -32,18 +30,30 @@ from serving.triton import Endpoint
 
 SHORT = {"concurrencies": (1, 4), "rates": (), "window_s": 1.0, "max_windows": 4}
 THOROUGH = {"concurrencies": (1, 2, 4, 8, 16, 32), "rates": (25, 50, 100, 200, 400), "window_s": 3.0, "max_windows": 10}
-CONFIG_GRID = [(False, 0, 1), (True, 0, 1), (True, 1000, 1), (True, 5000, 1), (True, 1000, 2)]  # batching, delay us, instances
+CONFIG_GRID = [
+    (False, 0, 1),
+    (True, 0, 1),
+    (True, 1000, 1),
+    (True, 5000, 1),
+    (True, 1000, 2),
+]  # batching, delay us, instances
 
 
 class BenchmarkOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = Field(True, description="run the benchmark as the pipeline's last stage")
-    thorough: bool = Field(False, description="long sweep (6 concurrencies, 5 Poisson rates, 3 s windows) instead of the short one")
+    thorough: bool = Field(
+        False, description="long sweep (6 concurrencies, 5 Poisson rates, 3 s windows) instead of the short one"
+    )
     protocols: tuple[Literal["grpc", "http"], ...] = ("grpc", "http")
     concurrencies: tuple[PositiveInt, ...] | None = Field(None, description="None: 1,4 (short) or 1..32 (thorough)")
-    rates: tuple[PositiveFloat, ...] | None = Field(None, description="Poisson request rates per second; None: by thoroughness")
-    p99_budget_ms: float = Field(50.0, gt=0, description="the open-loop result is the highest rate whose p99 stays under this")
+    rates: tuple[PositiveFloat, ...] | None = Field(
+        None, description="Poisson request rates per second; None: by thoroughness"
+    )
+    p99_budget_ms: float = Field(
+        50.0, gt=0, description="the open-loop result is the highest rate whose p99 stays under this"
+    )
     stability: float = Field(0.10, gt=0, le=1)
     samples: int = Field(64, ge=1, description="held-out samples the load cycles through")
     sweep_configs: bool = Field(False, description="also try dynamic batching on/off, queue delays and instance counts")
@@ -83,75 +93,150 @@ class _TorchRunner:
         return [self._predict(feeds)]
 
 
-def baselines(recipe: Recipe, provenance: dict, version_dir: Path, config: ServingConfig, batch: int = 8) -> list[Baseline]:
+def baselines(
+    recipe: Recipe, provenance: dict, version_dir: Path, config: ServingConfig, batch: int = 8
+) -> list[Baseline]:
     """In-process latency (batch 1) and throughput (batch `batch`) of the served file and of torch eager."""
-    sessions = {config.runtime + (f" {config.runtime_precision}" if config.runtime_precision else ""):
-                open_session(version_dir / "model.onnx", config.runtime, config.runtime_precision or None)}
-    weights = RunDir(provenance["run_dir"], create=False).weights if Path(provenance.get("run_dir", "")).is_dir() else None
+    sessions = {
+        config.runtime + (f" {config.runtime_precision}" if config.runtime_precision else ""): open_session(
+            version_dir / "model.onnx", config.runtime, config.runtime_precision or None
+        )
+    }
+    weights = (
+        RunDir(provenance["run_dir"], create=False).weights if Path(provenance.get("run_dir", "")).is_dir() else None
+    )
     if weights is not None and weights.is_file():
         sessions["torch eager fp32"] = _TorchRunner(load_trained(recipe, weights), recipe)
     inputs = recipe.example_inputs(batch)
     single = {name: array[:1] for name, array in inputs.items()}
     measured = measure_speed(sessions, single, inputs, repeats=30)
-    return [Baseline(model=version_dir.parent.name, runtime=name, latency_p50_ms=latency, throughput_per_s=throughput, batch=batch)
-            for name, (latency, throughput) in measured.items()]
+    return [
+        Baseline(
+            model=version_dir.parent.name,
+            runtime=name,
+            latency_p50_ms=latency,
+            throughput_per_s=throughput,
+            batch=batch,
+        )
+        for name, (latency, throughput) in measured.items()
+    ]
 
 
-def config_sweep(repo: Path, model: str, version_dir: Path, base: ServingConfig, endpoint: Endpoint, inputs: list,
-                 settings: loadgen.LoadSettings, concurrency: int = 16) -> list[dict]:
-    """Throughput at `concurrency` for each server configuration, on a scratch copy `<model>-sweep` that is removed after."""
+def config_sweep(
+    repo: Path,
+    model: str,
+    version_dir: Path,
+    base: ServingConfig,
+    endpoint: Endpoint,
+    inputs: list,
+    settings: loadgen.LoadSettings,
+    concurrency: int = 16,
+) -> list[dict]:
+    """Throughput at `concurrency` for each server configuration, on a scratch copy `<model>-sweep` that is removed
+    afterwards."""
     scratch, results = f"{model}-sweep", []
     try:
         for batching, delay, instances in CONFIG_GRID:
-            trial = dataclasses.replace(base, dynamic_batching=batching, max_queue_delay_microseconds=delay, instance_count=instances)
+            trial = dataclasses.replace(
+                base, dynamic_batching=batching, max_queue_delay_microseconds=delay, instance_count=instances
+            )
             repository.write_version(repo, scratch, version_dir / "model.onnx", trial)
             client.load_model(endpoint.http, scratch, admin_key=endpoint.admin_key)
             point = loadgen.measure(endpoint.grpc, "grpc", scratch, inputs, concurrency=concurrency, settings=settings)
-            results.append({"dynamic_batching": batching, "max_queue_delay_microseconds": delay, "instance_count": instances,
-                            "throughput": point.throughput, "p99_ms": point.latency_ms.get("p99"), "stable": point.stable})
+            results.append(
+                {
+                    "dynamic_batching": batching,
+                    "max_queue_delay_microseconds": delay,
+                    "instance_count": instances,
+                    "throughput": point.throughput,
+                    "p99_ms": point.latency_ms.get("p99"),
+                    "stable": point.stable,
+                }
+            )
     finally:
         try:
-            client.connect(endpoint.http, "http").unload_model(scratch, headers=client.admin_headers(endpoint.admin_key))
+            client.connect(endpoint.http, "http").unload_model(
+                scratch, headers=client.admin_headers(endpoint.admin_key)
+            )
         except Exception:  # best effort: the folder goes either way
             pass
         shutil.rmtree(repository.model_dir(repo, scratch), ignore_errors=True)
     return sorted(results, key=lambda r: -r["throughput"])
 
 
-def run_benchmark(model: str, options: BenchmarkOptions, endpoint: Endpoint, *, repository_path: str = "model_repository",
-                  out_dir: Path | None = None, progress: Callable[[str], None] = print) -> BenchmarkOutput:
+def run_benchmark(
+    model: str,
+    options: BenchmarkOptions,
+    endpoint: Endpoint,
+    *,
+    repository_path: str = "model_repository",
+    out_dir: Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> BenchmarkOutput:
     """Benchmark `model` on the Triton at `endpoint`; returns the figures and the paths of the files written."""
     repo = paths.resolve(repository_path)
     recipe, provenance, version_dir = _model_recipe(repo, model)
     config = repository.serving_config_of(repository.read_config(repo, version_dir.parent.name))
     preset = THOROUGH if options.thorough else SHORT
-    settings = loadgen.LoadSettings(window_s=preset["window_s"], warmup_s=min(2.0, preset["window_s"]),
-                                    stability=options.stability, max_windows=preset["max_windows"])
+    settings = loadgen.LoadSettings(
+        window_s=preset["window_s"],
+        warmup_s=min(2.0, preset["window_s"]),
+        stability=options.stability,
+        max_windows=preset["max_windows"],
+    )
     inputs = [batch.inputs for batch in recipe.eval_batches(1, options.samples)]
     out_dir = out_dir or paths.resolve("runs") / "benchmarks" / new_run_id(model)
     progress(f"in-process baselines of '{model}' ...")
     base = baselines(recipe, provenance, version_dir, config)
     points = _sweeps(model, options, endpoint, inputs, settings, preset, progress)
     best = loadgen.best_rate_under(points, options.p99_budget_ms)
-    notes = [f"Highest Poisson rate with p99 <= {options.p99_budget_ms} ms: " + (f"{best.load:.0f}/s ({best.protocol})" if best else "none measured")]
+    notes = [
+        f"Highest Poisson rate with p99 <= {options.p99_budget_ms} ms: "
+        + (f"{best.load:.0f}/s ({best.protocol})" if best else "none measured")
+    ]
     swept, applied = [], None
     if options.sweep_configs and endpoint.grpc:
         progress("server configuration sweep ...")
         swept = config_sweep(repo, model, version_dir, config, endpoint, inputs, settings)
-        notes.append("Configuration sweep (gRPC, concurrency 16): " + "; ".join(
-            f"batching={r['dynamic_batching']} delay={r['max_queue_delay_microseconds']}us instances={r['instance_count']}: "
-            f"{r['throughput']:.0f}/s" for r in swept))
+        notes.append(
+            "Configuration sweep (gRPC, concurrency 16): "
+            + "; ".join(
+                f"batching={r['dynamic_batching']} delay={r['max_queue_delay_microseconds']}us "
+                f"instances={r['instance_count']}: "
+                f"{r['throughput']:.0f}/s"
+                for r in swept
+            )
+        )
         if options.apply_best:
             applied = _apply_best(repo, version_dir, config, swept[0], endpoint)
-    extra = {"model": model, "options": options.model_dump(mode="json"), "best_rate_under_budget": best.to_dict() if best else None,
-             "config_sweep": swept, "applied": applied, "notes": "\n\n".join(notes)}
+    extra = {
+        "model": model,
+        "options": options.model_dump(mode="json"),
+        "best_rate_under_budget": best.to_dict() if best else None,
+        "config_sweep": swept,
+        "applied": applied,
+        "notes": "\n\n".join(notes),
+    }
     files = output.write_all(out_dir, points, [b.model_dump() for b in base], system.describe(endpoint.http), extra)
-    return BenchmarkOutput(outputs=files, points=tuple(points), baselines=tuple(base), best_rate_under_budget=best,
-                           config_sweep=tuple(swept), applied=applied)
+    return BenchmarkOutput(
+        outputs=files,
+        points=tuple(points),
+        baselines=tuple(base),
+        best_rate_under_budget=best,
+        config_sweep=tuple(swept),
+        applied=applied,
+    )
 
 
-def benchmark_stage(options: BenchmarkOptions, model: str, endpoint: Endpoint | None, not_loaded: str, repository_path: str,
-                    out_dir: Path, progress: Callable[[str], None]) -> StageResult[BenchmarkOutput]:
+def benchmark_stage(
+    options: BenchmarkOptions,
+    model: str,
+    endpoint: Endpoint | None,
+    not_loaded: str,
+    repository_path: str,
+    out_dir: Path,
+    progress: Callable[[str], None],
+) -> StageResult[BenchmarkOutput]:
     """The pipeline's benchmark of the plain model name (short by default); SKIPPED when it is off or nothing was
     loaded (`not_loaded` says why)."""
     if not options.enabled:
@@ -159,36 +244,69 @@ def benchmark_stage(options: BenchmarkOptions, model: str, endpoint: Endpoint | 
     if endpoint is None:
         return StageResult.skipped("benchmark", not_loaded or "model not loaded")
     with timed() as clock:
-        result = run_benchmark(model, options, endpoint, repository_path=repository_path, out_dir=out_dir, progress=progress)
-    return StageResult(stage="benchmark", status=Status.OK, seconds=clock["seconds"],
-                       artifacts=tuple(Artifact.of(path) for path in result.outputs.values()), output=result)
+        result = run_benchmark(
+            model, options, endpoint, repository_path=repository_path, out_dir=out_dir, progress=progress
+        )
+    return StageResult(
+        stage="benchmark",
+        status=Status.OK,
+        seconds=clock["seconds"],
+        artifacts=tuple(Artifact.of(path) for path in result.outputs.values()),
+        output=result,
+    )
 
 
-def _sweeps(model: str, options: BenchmarkOptions, endpoint: Endpoint, inputs: list, settings: loadgen.LoadSettings,
-            preset: dict, progress: Callable[[str], None]) -> list[LoadPoint]:
+def _sweeps(
+    model: str,
+    options: BenchmarkOptions,
+    endpoint: Endpoint,
+    inputs: list,
+    settings: loadgen.LoadSettings,
+    preset: dict,
+    progress: Callable[[str], None],
+) -> list[LoadPoint]:
     points: list[LoadPoint] = []
     for protocol in options.protocols:
         url = endpoint.urls.get(protocol)
         if not url:
             progress(f"skipping {protocol}: no URL for it")
             continue
-        points += loadgen.sweep(url, protocol, model, inputs, settings=settings, server_pid=endpoint.server_pid,
-                                concurrencies=options.concurrencies or preset["concurrencies"], rates=options.rates or preset["rates"],
-                                progress=lambda p: progress(_one_line(p)))
+        points += loadgen.sweep(
+            url,
+            protocol,
+            model,
+            inputs,
+            settings=settings,
+            server_pid=endpoint.server_pid,
+            concurrencies=options.concurrencies or preset["concurrencies"],
+            rates=options.rates or preset["rates"],
+            progress=lambda p: progress(_one_line(p)),
+        )
     return points
 
 
 def _apply_best(repo: Path, version_dir: Path, base: ServingConfig, best: dict, endpoint: Endpoint) -> dict:
     model = version_dir.parent.name
-    config = dataclasses.replace(base, dynamic_batching=best["dynamic_batching"], max_queue_delay_microseconds=best["max_queue_delay_microseconds"],
-                                 instance_count=best["instance_count"])
+    config = dataclasses.replace(
+        base,
+        dynamic_batching=best["dynamic_batching"],
+        max_queue_delay_microseconds=best["max_queue_delay_microseconds"],
+        instance_count=best["instance_count"],
+    )
     written = repository.write_version(repo, model, version_dir / "model.onnx", config)
     client.load_model(endpoint.http, model, admin_key=endpoint.admin_key)
-    return {"model": model, "version": written.version, **{k: best[k] for k in ("dynamic_batching", "max_queue_delay_microseconds", "instance_count")}}
+    return {
+        "model": model,
+        "version": written.version,
+        **{k: best[k] for k in ("dynamic_batching", "max_queue_delay_microseconds", "instance_count")},
+    }
 
 
 def _one_line(point: LoadPoint) -> str:
     load = f"concurrency {point.load:.0f}" if point.mode == "concurrency" else f"{point.load:.0f} req/s offered"
     flag = "" if point.stable else "  (unstable)"
-    return (f"  {point.protocol:4s} {load:22s} {point.throughput:8.1f} req/s  p50 {point.latency_ms.get('p50', float('nan')):7.2f} ms"
-            f"  p99 {point.latency_ms.get('p99', float('nan')):7.2f} ms{flag}")
+    return (
+        f"  {point.protocol:4s} {load:22s} {point.throughput:8.1f} req/s  p50 "
+        f"{point.latency_ms.get('p50', float('nan')):7.2f} ms"
+        f"  p99 {point.latency_ms.get('p99', float('nan')):7.2f} ms{flag}"
+    )

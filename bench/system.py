@@ -37,7 +37,10 @@ def _gpus() -> list[dict]:
         return []
     try:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        return [{"name": pynvml.nvmlDeviceGetName(h), "memory_gb": pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9} for h in handles]
+        return [
+            {"name": pynvml.nvmlDeviceGetName(h), "memory_gb": pynvml.nvmlDeviceGetMemoryInfo(h).total / 1e9}
+            for h in handles
+        ]
     finally:
         pynvml.nvmlShutdown()
 
@@ -52,9 +55,15 @@ def _version(package: str) -> str | None:
 def describe(triton_url: str | None = None) -> dict:
     """Everything a reader needs to judge a benchmark figure; `triton_url` (HTTP) adds the server's version."""
     info = {
-        "cpu": _cpu(), "gpus": _gpus(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-        "versions": {name: _version(name) for name in ("train-export-serve", "torch", "onnxruntime", "openvino", "tritonclient", "nvidia-pytriton")},
+        "cpu": _cpu(),
+        "gpus": _gpus(),
+        "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {
+            name: _version(name)
+            for name in ("train-export-serve", "torch", "onnxruntime", "openvino", "tritonclient", "nvidia-pytriton")
+        },
     }
     if triton_url:
         client = connect(triton_url, "http", 10)

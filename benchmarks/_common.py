@@ -11,10 +11,10 @@ from typing import Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
-from serving import client, repository, triton  # noqa: E402
-from recipes.evaluation import load_trained  # noqa: E402
-from training.loop import TrainingConfig, train  # noqa: E402
 from recipes import build_recipe  # noqa: E402
+from recipes.evaluation import load_trained  # noqa: E402
+from serving import client, repository, triton  # noqa: E402
+from training.loop import TrainingConfig, train  # noqa: E402
 
 WORK = Path(tempfile.mkdtemp(prefix="tes-bench-"))
 
@@ -25,7 +25,9 @@ def trained_onnx(recipe_name: str, options: dict | None = None, steps: int = 100
     folder = WORK / recipe_name
     model = recipe.build_model()
     if steps:
-        weights = train(recipe, TrainingConfig(steps=steps, eval_every=10**6, resume=False), folder / "train", progress=False).output.weights
+        weights = train(
+            recipe, TrainingConfig(steps=steps, eval_every=10**6, resume=False), folder / "train", progress=False
+        ).output.weights
         model = load_trained(recipe, weights)
     return recipe, export_onnx(recipe, model, folder, ExportConfig()).output.onnx
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from _common import serving, trained_onnx
 
-from export.quantize import build_int8_static
-from core.runtimes import open_session, runtime_of
 from bench import loadgen
+from core.runtimes import open_session, runtime_of
+from export.quantize import build_int8_static
 from serving.repository import ServingConfig
 
 
@@ -44,44 +44,78 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--delay-us", type=int, default=2000, help="max queue delay of the dynamic batcher")
-    parser.add_argument("--context", type=int, default=128, help="bytes of context per request (the demo model takes 1..128)")
+    parser.add_argument(
+        "--context", type=int, default=128, help="bytes of context per request (the demo model takes 1..128)"
+    )
     parser.add_argument("--instances", type=int, default=1, help="model instances, in both configurations")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per instance (0: the runtime's default)")
-    parser.add_argument("--variant", choices=["fp32", "openvino-int8"], default="fp32",
-                        help="what is served: the FP32 file in ONNX Runtime, or the QDQ file in OpenVINO (what `tes demo` "
-                             "serves as stdlib-gpt on CPUs where it passes the gates)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads per instance (0: the runtime's default)"
+    )
+    parser.add_argument(
+        "--variant",
+        choices=["fp32", "openvino-int8"],
+        default="fp32",
+        help="what is served: the FP32 file in ONNX Runtime, or the QDQ file in OpenVINO (what `tes demo` "
+        "serves as stdlib-gpt on CPUs where it passes the gates)",
+    )
     args = parser.parse_args()
     recipe, onnx_path = trained_onnx("stdlib-gpt", steps=0)
     runtime, precision = runtime_of(args.variant)
     if args.variant == "openvino-int8":
-        onnx_path = build_int8_static(Path(onnx_path), Path(onnx_path).parent, recipe.calibration_inputs(128),
-                                      name="openvino-int8", symmetric_activations=True)
-    inputs = [{"tokens": batch.inputs["tokens"][:, -args.context:]} for batch in recipe.eval_batches(1, 64)]
-    common = {"max_batch_size": 32, "runtime": runtime, "runtime_precision": precision or "",
-              "instance_count": args.instances, "intra_op_threads": args.threads}
-    configs = {"batched": ServingConfig(**common, max_queue_delay_microseconds=args.delay_us),
-               "unbatched": ServingConfig(**common, dynamic_batching=False)}
+        onnx_path = build_int8_static(
+            Path(onnx_path),
+            Path(onnx_path).parent,
+            recipe.calibration_inputs(128),
+            name="openvino-int8",
+            symmetric_activations=True,
+        )
+    inputs = [{"tokens": batch.inputs["tokens"][:, -args.context :]} for batch in recipe.eval_batches(1, 64)]
+    common = {
+        "max_batch_size": 32,
+        "runtime": runtime,
+        "runtime_precision": precision or "",
+        "instance_count": args.instances,
+        "intra_op_threads": args.threads,
+    }
+    configs = {
+        "batched": ServingConfig(**common, max_queue_delay_microseconds=args.delay_us),
+        "unbatched": ServingConfig(**common, dynamic_batching=False),
+    }
     settings = loadgen.LoadSettings(window_s=3.0, warmup_s=2.0, max_windows=6)
     session = open_session(onnx_path, runtime, precision)
     throughput: dict[str, list[float]] = {name: [] for name in [*configs, "in-process batch 1", "in-process batch 16"]}
     with serving({f"gpt-{name}": (onnx_path, config) for name, config in configs.items()}) as server:
         for round_number in range(args.rounds):
             for name in configs:
-                point = loadgen.measure(server.grpc_url, "grpc", f"gpt-{name}", inputs, concurrency=args.concurrency, settings=settings)
+                point = loadgen.measure(
+                    server.grpc_url, "grpc", f"gpt-{name}", inputs, concurrency=args.concurrency, settings=settings
+                )
                 throughput[name].append(point.throughput)
-                print(f"round {round_number + 1} {name:9s}: {point.throughput:7.1f} req/s, p50 {point.latency_ms['p50']:.1f} ms, "
-                      f"p99 {point.latency_ms['p99']:.1f} ms, server queue {point.server_us.get('queue', 0) / 1e3:.1f} ms, "
-                      f"infer {point.server_us.get('compute_infer', 0) / 1e3:.2f} ms/request, "
-                      f"client {point.client_cpu_cores:.2f} cores{'' if point.stable else ', unstable'}", flush=True)
+                print(
+                    f"round {round_number + 1} {name:9s}: {point.throughput:7.1f} req/s, p50 "
+                    f"{point.latency_ms['p50']:.1f} ms, "
+                    f"p99 {point.latency_ms['p99']:.1f} ms, server queue {point.server_us.get('queue', 0) / 1e3:.1f} "
+                    "ms, "
+                    f"infer {point.server_us.get('compute_infer', 0) / 1e3:.2f} ms/request, "
+                    f"client {point.client_cpu_cores:.2f} cores{'' if point.stable else ', unstable'}",
+                    flush=True,
+                )
             for batch in (1, 16):
                 throughput[f"in-process batch {batch}"].append(in_process_throughput(session, inputs, batch))
     median = {name: statistics.median(values) for name, values in throughput.items()}
     batched, unbatched = median["batched"], median["unbatched"]
-    print(f"\nin-process {runtime}, same inputs, server idle: batch 1 {median['in-process batch 1']:.1f} samples/s, "
-          f"batch 16 {median['in-process batch 16']:.1f} samples/s")
-    print(f"concurrency {args.concurrency}, gRPC, stdlib-gpt demo size, {args.variant} in {runtime} (1 x {args.context} bytes per request): "
-          f"dynamic batching {batched:.1f} req/s vs none {unbatched:.1f} req/s = {batched / unbatched:.2f}x (goal >= 2.5x); "
-          f"ceiling on this machine: in-process batch 16 / served unbatched = {median['in-process batch 16'] / unbatched:.2f}x")
+    print(
+        f"\nin-process {runtime}, same inputs, server idle: batch 1 {median['in-process batch 1']:.1f} samples/s, "
+        f"batch 16 {median['in-process batch 16']:.1f} samples/s"
+    )
+    print(
+        f"concurrency {args.concurrency}, gRPC, stdlib-gpt demo size, {args.variant} in {runtime} (1 x "
+        f"{args.context} bytes per request): "
+        f"dynamic batching {batched:.1f} req/s vs none {unbatched:.1f} req/s = {batched / unbatched:.2f}x (goal >= "
+        "2.5x); "
+        "ceiling on this machine: in-process batch 16 / served unbatched = "
+        f"{median['in-process batch 16'] / unbatched:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     sudo apt-get install libb64-0d                                   # perf_analyzer links against it
     .venv/bin/pip install nvidia-cuda-runtime-cu12==12.9.79          # it also wants libcudart.so.12 (not used on CPU)
-    .venv/bin/python benchmarks/perf_analyzer_check.py               # digits-cnn and stdlib-gpt, gRPC and HTTP, c=1 and 4
+    .venv/bin/python benchmarks/perf_analyzer_check.py               # both recipes, gRPC and HTTP, c=1 and 4
     .venv/bin/python benchmarks/perf_analyzer_check.py --model digits-cnn --protocol grpc --concurrency 1 --rounds 3
 
 `tritonclient==2.51.0` ships the `perf_analyzer` binary in `.venv/bin`. One private Triton serves the models;
@@ -35,17 +35,42 @@ def perf_analyzer(url: str, protocol: str, model: str, concurrency: int, data_fi
     """perf_analyzer's throughput and p50 for one point, or the reason it gave none."""
     binary = Path(sys.executable).parent / "perf_analyzer"
     cudart = next(Path(sys.prefix).glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"), None)
-    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(filter(None, [str(cudart or ""), os.environ.get("LD_LIBRARY_PATH", "")]))}
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": ":".join(filter(None, [str(cudart or ""), os.environ.get("LD_LIBRARY_PATH", "")])),
+    }
     out = WORK / f"pa-{model}-{protocol}-{concurrency}.csv"
     out.unlink(missing_ok=True)
-    command = [str(binary), "-m", model, "-u", url, "-i", protocol, "--concurrency-range", f"{concurrency}:{concurrency}",
-               "-p", str(window_ms), "--percentile", "50", "--stability-percentage", "10", "--max-trials", "10",
-               "--input-data", str(data_file), "-f", str(out)]
+    command = [
+        str(binary),
+        "-m",
+        model,
+        "-u",
+        url,
+        "-i",
+        protocol,
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "-p",
+        str(window_ms),
+        "--percentile",
+        "50",
+        "--stability-percentage",
+        "10",
+        "--max-trials",
+        "10",
+        "--input-data",
+        str(data_file),
+        "-f",
+        str(out),
+    ]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0 or not out.is_file():
         reason = "unstable" if "stable measurement" in result.stdout + result.stderr else f"exit {result.returncode}"
         if not binary.is_file() or "error while loading shared libraries" in result.stderr:
-            raise SystemExit(f"perf_analyzer cannot run; see the set-up in this script's docstring:\n{result.stderr[-2000:]}")
+            raise SystemExit(
+                f"perf_analyzer cannot run; see the set-up in this script's docstring:\n{result.stderr[-2000:]}"
+            )
         return {"throughput": float("nan"), "p50_ms": float("nan"), "note": reason}
     row = next(csv.DictReader(out.open()))
     return {"throughput": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1e3, "note": ""}
@@ -54,8 +79,10 @@ def perf_analyzer(url: str, protocol: str, model: str, concurrency: int, data_fi
 def data_file_for(name: str, inputs: list[dict[str, np.ndarray]]) -> Path:
     """perf_analyzer's --input-data: one entry per sample, shapes without the batch axis (it sends batch 1)."""
     path = WORK / f"pa-inputs-{name}.json"
-    entries = [{key: {"content": array[0].ravel().tolist(), "shape": list(array.shape[1:])} for key, array in case.items()}
-               for case in inputs]
+    entries = [
+        {key: {"content": array[0].ravel().tolist(), "shape": list(array.shape[1:])} for key, array in case.items()}
+        for case in inputs
+    ]
     path.write_text(json.dumps({"data": entries}))
     return path
 
@@ -81,14 +108,18 @@ def compare(server, model: str, protocol: str, concurrency: int, inputs, data_fi
     for _ in range(args.rounds):
         ours.append(loadgen.measure(url, protocol, model, inputs, concurrency=concurrency, settings=settings))
         theirs.append(perf_analyzer(url, protocol, model, concurrency, data_file, args.window_ms))
-    row = {"model": model, "protocol": protocol, "concurrency": concurrency,
-           "ours_throughput": statistics.median(p.throughput for p in ours),
-           "ours_p50_ms": statistics.median(p.latency_ms["p50"] for p in ours),
-           "ours_unstable": sum(not p.stable for p in ours),
-           "pa_throughput": _median([t["throughput"] for t in theirs]),
-           "pa_p50_ms": _median([t["p50_ms"] for t in theirs]),
-           "pa_unstable": sum(bool(t["note"]) for t in theirs),
-           "floor_ms": floor_ms(protocol, url, model, inputs)}
+    row = {
+        "model": model,
+        "protocol": protocol,
+        "concurrency": concurrency,
+        "ours_throughput": statistics.median(p.throughput for p in ours),
+        "ours_p50_ms": statistics.median(p.latency_ms["p50"] for p in ours),
+        "ours_unstable": sum(not p.stable for p in ours),
+        "pa_throughput": _median([t["throughput"] for t in theirs]),
+        "pa_p50_ms": _median([t["p50_ms"] for t in theirs]),
+        "pa_unstable": sum(bool(t["note"]) for t in theirs),
+        "floor_ms": floor_ms(protocol, url, model, inputs),
+    }
     row["throughput_ratio"] = row["ours_throughput"] / row["pa_throughput"]
     row["p50_ratio"] = row["ours_p50_ms"] / row["pa_p50_ms"]
     return row
@@ -96,7 +127,9 @@ def compare(server, model: str, protocol: str, concurrency: int, inputs, data_fi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", default=["digits-cnn", "stdlib-gpt"], choices=["digits-cnn", "stdlib-gpt"])
+    parser.add_argument(
+        "--model", nargs="+", default=["digits-cnn", "stdlib-gpt"], choices=["digits-cnn", "stdlib-gpt"]
+    )
     parser.add_argument("--protocol", nargs="+", default=["grpc", "http"], choices=["grpc", "http"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rounds", type=int, default=2, help="turns each tool takes per point; medians are compared")
@@ -116,11 +149,21 @@ def main() -> None:
                 for concurrency in args.concurrency:
                     row = compare(server, name, protocol, concurrency, samples[name], data_file, args)
                     rows.append(row)
-                    verdict = "within 10%" if max(abs(row["throughput_ratio"] - 1), abs(row["p50_ratio"] - 1)) <= 0.10 else "NOT within 10%"
-                    print(f"{name:10s} {protocol:4s} c={concurrency:<2d}  tes {row['ours_throughput']:7.1f}/s p50 {row['ours_p50_ms']:6.3f} ms | "
-                          f"perf_analyzer {row['pa_throughput']:7.1f}/s p50 {row['pa_p50_ms']:6.3f} ms | ratios: throughput "
-                          f"{row['throughput_ratio']:.3f}, p50 {row['p50_ratio']:.3f} ({verdict}) | transport floor "
-                          f"{row['floor_ms']:.3f} ms | unstable rounds tes {row['ours_unstable']}, pa {row['pa_unstable']}", flush=True)
+                    verdict = (
+                        "within 10%"
+                        if max(abs(row["throughput_ratio"] - 1), abs(row["p50_ratio"] - 1)) <= 0.10
+                        else "NOT within 10%"
+                    )
+                    print(
+                        f"{name:10s} {protocol:4s} c={concurrency:<2d}  tes {row['ours_throughput']:7.1f}/s p50 "
+                        f"{row['ours_p50_ms']:6.3f} ms | "
+                        f"perf_analyzer {row['pa_throughput']:7.1f}/s p50 {row['pa_p50_ms']:6.3f} ms | ratios: "
+                        "throughput "
+                        f"{row['throughput_ratio']:.3f}, p50 {row['p50_ratio']:.3f} ({verdict}) | transport floor "
+                        f"{row['floor_ms']:.3f} ms | unstable rounds tes {row['ours_unstable']}, pa "
+                        f"{row['pa_unstable']}",
+                        flush=True,
+                    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

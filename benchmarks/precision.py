@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from core.runtimes import open_session  # noqa: E402
+from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from export.variants import PrecisionConfig, build_and_score  # noqa: E402
+from recipes import build_recipe  # noqa: E402
 from recipes.evaluation import load_trained  # noqa: E402
 from training.loop import TrainingConfig, train  # noqa: E402
-from recipes import build_recipe  # noqa: E402
 
 
 def timed_round_robin(runners: dict, repeats: int, block: int = 6, rest_s: float = 0.25) -> dict[str, float]:
@@ -72,10 +72,12 @@ def main() -> None:
 
     recipe = build_recipe("stdlib-gpt", {})  # the demo size: 4 layers, width 128, 4 heads, context 128
     work = Path(tempfile.mkdtemp(prefix="tes-precision-"))
-    weights = args.weights or train(recipe, TrainingConfig(steps=args.steps, resume=False), work / "train").output.weights
+    weights = (
+        args.weights or train(recipe, TrainingConfig(steps=args.steps, resume=False), work / "train").output.weights
+    )
     model = load_trained(recipe, weights)
     onnx_path = export_onnx(recipe, model, work, ExportConfig()).output.onnx
-    # the pipeline's own accuracy gate and retries (excluding drifting nodes), and no speed gate, so every variant is timed
+    # the pipeline's own accuracy gate and retries (excluding drifting nodes), no speed gate: every variant is timed
     config = PrecisionConfig(min_speedup=0, calibration_method=args.calibration)
     reports = build_and_score(recipe, onnx_path, work / "variants", config)
 
@@ -92,32 +94,55 @@ def main() -> None:
     runners["torch eager bf16 autocast"] = lambda: torch_eager(True)
     for report in reports:
         if report.path:
-            session = open_session(report.path, report.runtime, report.runtime_precision)  # OpenVINO variants in OpenVINO
+            session = open_session(
+                report.path, report.runtime, report.runtime_precision
+            )  # OpenVINO variants in OpenVINO
             runners[f"{report.runtime} {report.name}"] = lambda s=session: s.run(None, inputs)
     seconds = timed_round_robin(runners, args.repeats)
 
     fp32_ort = seconds["onnxruntime fp32"]
     accuracy = {f"{r.runtime} {r.name}": r.metrics.get("next_byte_accuracy") for r in reports}
     base_accuracy = accuracy["onnxruntime fp32"]
-    print(f"stdlib-gpt demo size, batch {args.batch}, context {tokens.shape[1]}, {args.repeats} round-robin repeats, "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}, openvino {_openvino_version()}, {torch.get_num_threads()} threads")
+    print(
+        f"stdlib-gpt demo size, batch {args.batch}, context {tokens.shape[1]}, {args.repeats} round-robin repeats, "
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, openvino {_openvino_version()}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for report in reports:
         if report.status != "accepted":
             print(f"({report.name} {report.status}: {report.reason})")
         if report.excluded_nodes:
-            print(f"({report.name}: excluded from quantization after the accuracy gate: {', '.join(report.excluded_nodes)})")
-    print(f"{'runtime':32s} {'samples/s':>10s} {'vs ORT fp32':>12s} {'vs torch bf16':>14s} {'accuracy':>9s} {'rel. to fp32':>12s}")
+            print(
+                f"({report.name}: excluded from quantization after the accuracy gate: "
+                f"{', '.join(report.excluded_nodes)})"
+            )
+    print(
+        f"{'runtime':32s} {'samples/s':>10s} {'vs ORT fp32':>12s} {'vs torch bf16':>14s} {'accuracy':>9s} "
+        f"{'rel. to fp32':>12s}"
+    )
     for name, value in seconds.items():
         acc = accuracy.get(name)
-        acc_text = f"{acc:9.4f} {100 * (acc - base_accuracy) / base_accuracy:+11.2f}%" if acc is not None else f"{'-':>9s} {'-':>12s}"
-        print(f"{name:32s} {args.batch / value:10.1f} {fp32_ort / value:11.2f}x {seconds['torch eager bf16 autocast'] / value:13.2f}x {acc_text}")
+        acc_text = (
+            f"{acc:9.4f} {100 * (acc - base_accuracy) / base_accuracy:+11.2f}%"
+            if acc is not None
+            else f"{'-':>9s} {'-':>12s}"
+        )
+        print(
+            f"{name:32s} {args.batch / value:10.1f} {fp32_ort / value:11.2f}x "
+            f"{seconds['torch eager bf16 autocast'] / value:13.2f}x {acc_text}"
+        )
     accepted = {f"{r.runtime} {r.name}" for r in reports if r.status == "accepted"}
     int8 = {name: value for name, value in seconds.items() if "int8" in name and name in accepted}
     if int8:
         best = min(int8, key=int8.get)
-        print(f"\nbest accepted INT8 (within {100 * config.accuracy_budget:.0f}% of FP32's accuracy): {best}, {fp32_ort / int8[best]:.2f}x FP32 ORT throughput (goal >= 2x)")
+        print(
+            f"\nbest accepted INT8 (within {100 * config.accuracy_budget:.0f}% of FP32's accuracy): {best}, "
+            f"{fp32_ort / int8[best]:.2f}x FP32 ORT throughput (goal >= 2x)"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"seconds_per_batch": seconds, "accuracy": accuracy, "batch": args.batch}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"seconds_per_batch": seconds, "accuracy": accuracy, "batch": args.batch}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,12 @@ def lean_probe(url: str, protocol: str, model: str, sample: dict, session, reque
         floor = senders.transport_floor_ms(sender)
     finally:
         sender.close()
-    return {"served_p50_ms": served, "in_process_p50_ms": local, "serving_overhead_p50_ms": served - local, "floor_ms": floor}
+    return {
+        "served_p50_ms": served,
+        "in_process_p50_ms": local,
+        "serving_overhead_p50_ms": served - local,
+        "floor_ms": floor,
+    }
 
 
 def main() -> None:
@@ -37,14 +42,21 @@ def main() -> None:
     recipe, onnx_path = trained_onnx("digits-cnn", steps=100)
     sample = recipe.example_inputs(1)
     session = open_session(onnx_path)
-    with serving({"digits-cnn": (onnx_path, ServingConfig(max_batch_size=64, max_queue_delay_microseconds=args.delay_us))}) as server:
+    with serving(
+        {"digits-cnn": (onnx_path, ServingConfig(max_batch_size=64, max_queue_delay_microseconds=args.delay_us))}
+    ) as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             result = latency_probe(url, protocol, "digits-cnn", sample, session, requests=args.requests)
             lean = lean_probe(url, protocol, "digits-cnn", sample, session, args.requests)
-            print(f"{protocol:4s} c=1, {args.requests} requests, input {result.input_shapes}: in-process ONNX Runtime p50 "
-                  f"{result.in_process_p50_ms:.3f} ms | tritonclient: served p50 {result.served_p50_ms:.3f} ms, overhead "
-                  f"{result.serving_overhead_p50_ms:.3f} ms | lean sender: served p50 {lean['served_p50_ms']:.3f} ms, overhead "
-                  f"{lean['serving_overhead_p50_ms']:.3f} ms | transport floor {lean['floor_ms']:.3f} ms", flush=True)
+            print(
+                f"{protocol:4s} c=1, {args.requests} requests, input {result.input_shapes}: in-process ONNX Runtime "
+                "p50 "
+                f"{result.in_process_p50_ms:.3f} ms | tritonclient: served p50 {result.served_p50_ms:.3f} ms, overhead "
+                f"{result.serving_overhead_p50_ms:.3f} ms | lean sender: served p50 {lean['served_p50_ms']:.3f} ms, "
+                "overhead "
+                f"{lean['serving_overhead_p50_ms']:.3f} ms | transport floor {lean['floor_ms']:.3f} ms",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
-from serving import client, repository, triton  # noqa: E402
-from core.runtimes import open_session  # noqa: E402
-from serving.repository import ServingConfig  # noqa: E402
 from bench.soak import soak  # noqa: E402
+from core.runtimes import open_session  # noqa: E402
+from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from recipes import build_recipe  # noqa: E402
+from serving import client, repository, triton  # noqa: E402
+from serving.repository import ServingConfig  # noqa: E402
 
 
 def main() -> None:
@@ -51,11 +51,18 @@ def main() -> None:
         triton.stop(server.pid)
     samples = report.rss_mb_samples
     minute = min(60, len(samples) // 2)
-    print(f"soak: {args.seconds:.0f} s, {args.protocol}, concurrency {args.concurrency}, stdlib-gpt demo size, 1 x 128 bytes per request")
-    print(f"requests {report.requests}, errors {report.errors}, wrong answers {report.wrong}, "
-          f"{report.requests / args.seconds:.0f} requests/s")
-    print(f"server memory (tritonserver + Python-backend stub): first {minute} s peak {max(samples[:minute]):.0f} MB, "
-          f"last {minute} s peak {max(samples[-minute:]):.0f} MB, overall peak {report.peak_rss_mb:.0f} MB")
+    print(
+        f"soak: {args.seconds:.0f} s, {args.protocol}, concurrency {args.concurrency}, stdlib-gpt demo size, 1 x 128 "
+        "bytes per request"
+    )
+    print(
+        f"requests {report.requests}, errors {report.errors}, wrong answers {report.wrong}, "
+        f"{report.requests / args.seconds:.0f} requests/s"
+    )
+    print(
+        f"server memory (tritonserver + Python-backend stub): first {minute} s peak {max(samples[:minute]):.0f} MB, "
+        f"last {minute} s peak {max(samples[-minute:]):.0f} MB, overall peak {report.peak_rss_mb:.0f} MB"
+    )
     if report.first_errors:
         print("first problems:", *report.first_errors, sep="\n  ")
     if args.json:

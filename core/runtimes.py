@@ -62,7 +62,9 @@ def runtime_of(variant: str) -> tuple[Runtime, str | None]:
     return "onnxruntime", None
 
 
-def open_session(onnx_path: str | Path, runtime: Runtime = "onnxruntime", precision: str | None = None, threads: int = 0):
+def open_session(
+    onnx_path: str | Path, runtime: Runtime = "onnxruntime", precision: str | None = None, threads: int = 0
+):
     """A session for `onnx_path` in `runtime`; OpenVINO takes an inference precision ("bf16" or "f32")."""
     if runtime == "openvino":
         return OpenVinoSession(onnx_path, precision or "bf16", threads)
@@ -72,7 +74,9 @@ def open_session(onnx_path: str | Path, runtime: Runtime = "onnxruntime", precis
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
-def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4, rest_s: float = 0.05) -> dict[str, tuple[float, float]]:
+def measure_speed(
+    sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4, rest_s: float = 0.05
+) -> dict[str, tuple[float, float]]:
     """Per variant: (p50 ms at batch 1, samples/s at the batch). Variants take turns in blocks of `block` calls
     so slow drifts of the machine hit all alike; the first call of a block is not counted, because the session
     that ran just before may still hold the cores (ONNX Runtime's threads spin-wait after their work)."""
@@ -87,4 +91,7 @@ def measure_speed(sessions: dict, single: dict, batch: dict, repeats: int, block
                     session.run(None, inputs)
                     if call:
                         bucket.append(time.perf_counter() - start)
-    return {name: (statistics.median(one) * 1e3, batch_size / statistics.median(many)) for name, (one, many) in timings.items()}
+    return {
+        name: (statistics.median(one) * 1e3, batch_size / statistics.median(many))
+        for name, (one, many) in timings.items()
+    }

@@ -40,7 +40,9 @@ class ExportConfig(BaseModel):
 
     opset: int = Field(18, ge=17, le=23, description="ONNX opset the graph is exported with")
     tolerance: Tolerance = Tolerance()
-    output_tolerances: dict[str, Tolerance] = Field(default_factory=dict, description="per output name; else `tolerance`")
+    output_tolerances: dict[str, Tolerance] = Field(
+        default_factory=dict, description="per output name; else `tolerance`"
+    )
     verify_batch_sizes: tuple[int, ...] = Field((1, 7), min_length=1)
     verify_samples: int = Field(32, ge=1, description="held-out samples compared per shape")
 
@@ -70,7 +72,9 @@ def _dynamic_shapes(recipe: Recipe) -> dict[str, dict[int, torch.export.Dim]]:
     return shapes
 
 
-def export_stage(recipe: Recipe, weights: str | Path, out_dir: str | Path, config: ExportConfig, eval_samples: int) -> StageResult[ExportOutput]:
+def export_stage(
+    recipe: Recipe, weights: str | Path, out_dir: str | Path, config: ExportConfig, eval_samples: int
+) -> StageResult[ExportOutput]:
     """The pipeline's export stage: the trained weights exported and verified, then the recipe's metric on the
     ONNX file over `eval_samples` held-out samples (to compare with training's own validation)."""
     result = export_onnx(recipe, load_trained(recipe, weights), out_dir, config)
@@ -79,7 +83,9 @@ def export_stage(recipe: Recipe, weights: str | Path, out_dir: str | Path, confi
     return result.model_copy(update={"output": result.output.model_copy(update={"validation_onnxruntime": validation})})
 
 
-def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, config: ExportConfig) -> StageResult[ExportOutput]:
+def export_onnx(
+    recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, config: ExportConfig
+) -> StageResult[ExportOutput]:
     """Export, check and verify; returns the stage result with `model.onnx` and the verification report."""
     out_path = Path(out_dir) / ONNX_FILE
     model = model.eval().to("cpu")
@@ -92,12 +98,19 @@ def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, con
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 program = torch.onnx.export(
-                    model, args, dynamo=True, opset_version=config.opset, optimize=True,
-                    input_names=[spec.name for spec in recipe.inputs], output_names=[spec.name for spec in recipe.outputs],
+                    model,
+                    args,
+                    dynamo=True,
+                    opset_version=config.opset,
+                    optimize=True,
+                    input_names=[spec.name for spec in recipe.inputs],
+                    output_names=[spec.name for spec in recipe.outputs],
                     dynamic_shapes=_dynamic_shapes(recipe),
                 )
         except Exception as error:
-            raise ExportError(f"torch.onnx.export failed for recipe '{recipe.name}' at opset {config.opset}: {error}") from error
+            raise ExportError(
+                f"torch.onnx.export failed for recipe '{recipe.name}' at opset {config.opset}: {error}"
+            ) from error
         atomic_write(out_path, lambda tmp: program.save(str(tmp)))
         onnx_model = onnx.load(str(out_path))
         try:
@@ -107,9 +120,17 @@ def export_onnx(recipe: Recipe, model: torch.nn.Module, out_dir: str | Path, con
             raise ExportError(f"onnx.checker rejected the exported graph of '{recipe.name}': {error}") from error
         check_interface(recipe, onnx_model)
         report = verify_onnx(recipe, model, out_path, config)
-    output = ExportOutput(onnx=str(out_path), opset=config.opset, verification=report, torch=torch.__version__,
-                          onnx_version=onnx.__version__, onnxruntime=ort.__version__)
-    return StageResult(stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(out_path),), output=output)
+    output = ExportOutput(
+        onnx=str(out_path),
+        opset=config.opset,
+        verification=report,
+        torch=torch.__version__,
+        onnx_version=onnx.__version__,
+        onnxruntime=ort.__version__,
+    )
+    return StageResult(
+        stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(out_path),), output=output
+    )
 
 
 def check_interface(recipe: Recipe, onnx_model: onnx.ModelProto) -> None:
@@ -135,8 +156,16 @@ def _verification_inputs(recipe: Recipe, config: ExportConfig) -> list[dict[str,
     for spec in recipe.inputs:
         for axis, (low, opt, _) in spec.ranges.items():
             for length in sorted({low, max(low, opt // 2)}):
-                extra.append({name: (array.take(range(array.shape[axis + 1] - length, array.shape[axis + 1]), axis=axis + 1)
-                                     if name == spec.name else array) for name, array in cases[0].items()})
+                extra.append(
+                    {
+                        name: (
+                            array.take(range(array.shape[axis + 1] - length, array.shape[axis + 1]), axis=axis + 1)
+                            if name == spec.name
+                            else array
+                        )
+                        for name, array in cases[0].items()
+                    }
+                )
     return cases + extra
 
 
@@ -156,7 +185,9 @@ def verify_onnx(recipe: Recipe, model: torch.nn.Module, onnx_path: str | Path, c
             reference = reference.float().numpy()
             tolerance = config.output_tolerances.get(name, config.tolerance)
             if reference.shape != actual.shape:
-                mismatches.append(f"output '{name}' for inputs {shapes}: shape {list(actual.shape)}, expected {list(reference.shape)}")
+                mismatches.append(
+                    f"output '{name}' for inputs {shapes}: shape {list(actual.shape)}, expected {list(reference.shape)}"
+                )
                 continue
             difference = np.abs(actual.astype(np.float64) - reference)
             worst[name] = max(worst[name], float(difference.max(initial=0.0)))

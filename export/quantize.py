@@ -16,7 +16,14 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import ExportError, VariantSkipped
@@ -25,7 +32,11 @@ from core.files import atomic_write
 log = logging.getLogger(__name__)
 
 ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8")
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
 
 
 class _Batches(CalibrationDataReader):
@@ -66,32 +77,52 @@ def preprocess(fp32_path: Path, out_dir: Path) -> Path:
 def build_int8_dynamic(fp32_path: Path, out_dir: Path, per_channel: bool = False, exclude: Iterable[str] = ()) -> Path:
     target = out_dir / "int8-dynamic.onnx"
     with _quiet_root_logger():
-        atomic_write(target, lambda tmp: quantize_dynamic(
-            str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_exclude=list(exclude)))
+        atomic_write(
+            target,
+            lambda tmp: quantize_dynamic(
+                str(fp32_path),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                nodes_to_exclude=list(exclude),
+            ),
+        )
     return target
 
 
 def _constants(graph: onnx.GraphProto) -> set[str]:
-    return {init.name for init in graph.initializer} | {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    return {init.name for init in graph.initializer} | {
+        out for node in graph.node if node.op_type == "Constant" for out in node.output
+    }
 
 
-def quantized_nodes(model_path: Path, op_types: Iterable[str] | None, weights_only: bool = True, exclude: Iterable[str] = ()) -> list[str]:
+def quantized_nodes(
+    model_path: Path, op_types: Iterable[str] | None, weights_only: bool = True, exclude: Iterable[str] = ()
+) -> list[str]:
     """Names of the nodes static INT8 quantizes: those of `op_types` (every type if None), with `weights_only` only
     those that take a constant (initializer) input, the layers with weights, as opposed to products of two
     activations such as attention's Q·K^T and its weighted sum of V; minus `exclude`."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     constants, wanted, excluded = _constants(graph), set(op_types) if op_types else None, set(exclude)
-    return [node.name for node in graph.node
-            if (wanted is None or node.op_type in wanted) and node.name not in excluded
-            and (not weights_only or any(i in constants for i in node.input))]
+    return [
+        node.name
+        for node in graph.node
+        if (wanted is None or node.op_type in wanted)
+        and node.name not in excluded
+        and (not weights_only or any(i in constants for i in node.input))
+    ]
 
 
-def activation_ranges(model_path: Path, tensors: Iterable[str], calibration: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+def activation_ranges(
+    model_path: Path, tensors: Iterable[str], calibration: list[dict[str, np.ndarray]]
+) -> dict[str, tuple[float, float]]:
     """(lowest, highest) of each float tensor over the calibration batches, from the float model."""
     model = onnx.load(str(model_path), load_external_data=False)
     present = {output.name for output in model.graph.output}
     wanted = list(dict.fromkeys(tensors))
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted if name not in present)
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted if name not in present
+    )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ranges: dict[str, tuple[float, float]] = {}
     for batch in calibration:
@@ -102,21 +133,34 @@ def activation_ranges(model_path: Path, tensors: Iterable[str], calibration: lis
     return ranges
 
 
-def activation_overrides(model_path: Path, nodes: Iterable[str], calibration: list[dict[str, np.ndarray]], skew: float = 0.25) -> dict:
+def activation_overrides(
+    model_path: Path, nodes: Iterable[str], calibration: list[dict[str, np.ndarray]], skew: float = 0.25
+) -> dict:
     """With symmetric S8 activations, a tensor that is almost all positive (after a GELU or ReLU) would use half
     the int8 range; those get U8 with a zero point instead, per tensor (TensorQuantOverrides)."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     constants, wanted = _constants(graph), set(nodes)
     activations = [i for node in graph.node if node.name in wanted for i in node.input if i and i not in constants]
     ranges = activation_ranges(model_path, activations, calibration)
-    return {name: [{"quant_type": QuantType.QUInt8, "symmetric": False}]
-            for name, (low, high) in ranges.items() if high > 0 and low >= -skew * high}
+    return {
+        name: [{"quant_type": QuantType.QUInt8, "symmetric": False}]
+        for name, (low, high) in ranges.items()
+        if high > 0 and low >= -skew * high
+    }
 
 
-def build_int8_static(fp32_path: Path, out_dir: Path, calibration: list[dict[str, np.ndarray]], method: str = "minmax",
-                      per_channel: bool = True, exclude: Iterable[str] = (), name: str = "int8-static",
-                      op_types: Iterable[str] | None = ("MatMul", "Gemm", "Conv"), weights_only: bool = True,
-                      symmetric_activations: bool = False) -> Path:
+def build_int8_static(
+    fp32_path: Path,
+    out_dir: Path,
+    calibration: list[dict[str, np.ndarray]],
+    method: str = "minmax",
+    per_channel: bool = True,
+    exclude: Iterable[str] = (),
+    name: str = "int8-static",
+    op_types: Iterable[str] | None = ("MatMul", "Gemm", "Conv"),
+    weights_only: bool = True,
+    symmetric_activations: bool = False,
+) -> Path:
     """QDQ (S8 weights, U8 activations) calibrated on `calibration`, which must come from the training split.
 
     By default only MatMul/Gemm/Conv are quantized: quantizing everything also quantizes the additive attention
@@ -136,20 +180,34 @@ def build_int8_static(fp32_path: Path, out_dir: Path, calibration: list[dict[str
     excluded = set(exclude)
     nodes = quantized_nodes(preprocessed, op_types, weights_only, excluded)
     if weights_only and not nodes:
-        raise VariantSkipped(f"no {'/'.join(op_types or ['any'])} node with a constant weight is left to quantize"
-                             + (f" after excluding {sorted(excluded)}" if excluded else ""))
+        raise VariantSkipped(
+            f"no {'/'.join(op_types or ['any'])} node with a constant weight is left to quantize"
+            + (f" after excluding {sorted(excluded)}" if excluded else "")
+        )
     extra: dict = {"ActivationSymmetric": symmetric_activations}
     if symmetric_activations:
         overrides = activation_overrides(preprocessed, nodes, calibration)
         if overrides:
             extra["TensorQuantOverrides"] = overrides
     with _quiet_root_logger():
-        atomic_write(target, lambda tmp: quantize_static(
-            str(preprocessed), str(tmp), _Batches(calibration), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CALIBRATION_METHODS[method], nodes_to_quantize=nodes if weights_only else None, nodes_to_exclude=list(excluded),
-            calibration_providers=["CPUExecutionProvider"], op_types_to_quantize=list(op_types) if op_types else None,
-            extra_options=extra))
+        atomic_write(
+            target,
+            lambda tmp: quantize_static(
+                str(preprocessed),
+                str(tmp),
+                _Batches(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CALIBRATION_METHODS[method],
+                nodes_to_quantize=nodes if weights_only else None,
+                nodes_to_exclude=list(excluded),
+                calibration_providers=["CPUExecutionProvider"],
+                op_types_to_quantize=list(op_types) if op_types else None,
+                extra_options=extra,
+            ),
+        )
     return target
 
 
@@ -163,15 +221,25 @@ def build_fp16(fp32_path: Path, out_dir: Path) -> Path:
     return target
 
 
-def qdq_drift(fp32_path: Path, qdq_path: Path, out_dir: Path, calibration: list[dict[str, np.ndarray]], top: int = 5,
-              quantized: Iterable[str] | None = None) -> list[dict]:
+def qdq_drift(
+    fp32_path: Path,
+    qdq_path: Path,
+    out_dir: Path,
+    calibration: list[dict[str, np.ndarray]],
+    top: int = 5,
+    quantized: Iterable[str] | None = None,
+) -> list[dict]:
     """The quantized nodes (of `quantized`, if given) that read the tensors furthest from their float values
     (lowest SQNR in dB first): excluding them from quantization removes that error.
 
     ONNX Runtime's `qdq_loss_debug` runs both models with every intermediate tensor as an output and pairs them.
     """
     from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations, compute_activation_error, create_activation_matching, modify_model_output_intermediate_tensors)
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
 
     float_model = preprocess(fp32_path, out_dir)
     with tempfile.TemporaryDirectory() as scratch, _quiet_root_logger():
@@ -190,8 +258,11 @@ def qdq_drift(fp32_path: Path, qdq_path: Path, out_dir: Path, calibration: list[
         # the nodes that read its quantized form: excluding those is what takes it out of int8.
         local, drift = float(error.get("qdq_err", float("inf"))), float(error.get("xmodel_err", float("inf")))
         if np.isfinite(local):
-            ranked += [{"node": node, "tensor": tensor, "local_sqnr_db": local, "sqnr_vs_fp32_db": drift}
-                       for node in consumers.get(tensor, []) if allowed is None or node in allowed]
+            ranked += [
+                {"node": node, "tensor": tensor, "local_sqnr_db": local, "sqnr_vs_fp32_db": drift}
+                for node in consumers.get(tensor, [])
+                if allowed is None or node in allowed
+            ]
     ranked.sort(key=lambda item: item["local_sqnr_db"])
     return ranked[:top]
 

@@ -24,7 +24,10 @@ from core.files import atomic_write_bytes, atomic_write_json, sha256_file
 # builder flags per precision; INT8 comes from an explicitly quantized (QDQ) ONNX model, with FP16 for the
 # layers the QDQ model leaves in float
 PRECISION_FLAGS: dict[str, tuple[str, ...]] = {
-    "fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8-static": ("INT8", "FP16"),
+    "fp32": (),
+    "fp16": ("FP16",),
+    "bf16": ("BF16",),
+    "int8-static": ("INT8", "FP16"),
 }
 # flags TensorRT sets by default that a precision turns off: `fp32` means FP32 math, not TF32 (10-bit mantissa)
 CLEARED_FLAGS: dict[str, tuple[str, ...]] = {"fp32": ("TF32",), "fp16": (), "bf16": (), "int8-static": ()}
@@ -72,8 +75,14 @@ def configure(trt: Any, builder: Any, spec: dict) -> tuple[Any, bool]:
 
 def tensor_descriptions(trt: Any, network: Any) -> list[dict]:
     """Every network input and output: name, numpy dtype name, shape (-1: dynamic), mode."""
+
     def describe(tensor: Any, mode: str) -> dict:
-        return {"name": tensor.name, "dtype": np.dtype(trt.nptype(tensor.dtype)).name, "shape": list(tensor.shape), "mode": mode}
+        return {
+            "name": tensor.name,
+            "dtype": np.dtype(trt.nptype(tensor.dtype)).name,
+            "shape": list(tensor.shape),
+            "mode": mode,
+        }
 
     inputs = [describe(network.get_input(i), "input") for i in range(network.num_inputs)]
     return inputs + [describe(network.get_output(i), "output") for i in range(network.num_outputs)]
@@ -107,16 +116,28 @@ def build(spec: dict) -> dict:
     atomic_write_bytes(settings["timing_cache"], bytes(config.get_timing_cache().serialize()))
     gpu, capability = device()
     manifest = {
-        "engine": ENGINE_FILE, "engine_sha256": sha256_file(engine_path), "engine_bytes": engine_path.stat().st_size,
-        "tensorrt": trt.__version__, "gpu": gpu, "compute_capability": capability,
-        "hardware_compatibility": settings["hardware_compatibility"], "version_compatible": settings["version_compatible"],
-        "strongly_typed": settings["strongly_typed"], "precision": settings["precision"],
+        "engine": ENGINE_FILE,
+        "engine_sha256": sha256_file(engine_path),
+        "engine_bytes": engine_path.stat().st_size,
+        "tensorrt": trt.__version__,
+        "gpu": gpu,
+        "compute_capability": capability,
+        "hardware_compatibility": settings["hardware_compatibility"],
+        "version_compatible": settings["version_compatible"],
+        "strongly_typed": settings["strongly_typed"],
+        "precision": settings["precision"],
         "builder_flags": [] if settings["strongly_typed"] else list(PRECISION_FLAGS[settings["precision"]]),
-        "workspace_mb": settings["workspace_mb"], "optimization_level": settings["optimization_level"],
-        "timing_cache": settings["timing_cache"], "timing_cache_loaded": cache_loaded,
-        "onnx": spec["onnx"], "onnx_sha256": sha256_file(spec["onnx"]), "profiles": spec["shapes"],
-        "max_batch_size": spec["max_batch_size"], "tensors": tensor_descriptions(trt, network),
-        "build_seconds": build_seconds, "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "workspace_mb": settings["workspace_mb"],
+        "optimization_level": settings["optimization_level"],
+        "timing_cache": settings["timing_cache"],
+        "timing_cache_loaded": cache_loaded,
+        "onnx": spec["onnx"],
+        "onnx_sha256": sha256_file(spec["onnx"]),
+        "profiles": spec["shapes"],
+        "max_batch_size": spec["max_batch_size"],
+        "tensors": tensor_descriptions(trt, network),
+        "build_seconds": build_seconds,
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(folder / MANIFEST_FILE, manifest)
     return manifest
@@ -143,8 +164,10 @@ def run(engine_path: str, inputs_path: str, outputs_path: str) -> None:
     results: dict[str, np.ndarray] = {}
     stream = torch.cuda.current_stream()
     for batch, feeds in batches.items():
-        device_inputs = {name: torch.from_numpy(np.ascontiguousarray(array, dtype=trt.nptype(engine.get_tensor_dtype(name)))).cuda()
-                         for name, array in feeds.items()}
+        device_inputs = {
+            name: torch.from_numpy(np.ascontiguousarray(array, dtype=trt.nptype(engine.get_tensor_dtype(name)))).cuda()
+            for name, array in feeds.items()
+        }
         for name, tensor in device_inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
@@ -173,7 +196,9 @@ def run(engine_path: str, inputs_path: str, outputs_path: str) -> None:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["build"] and len(argv) == 2:
         manifest = build(json.loads(Path(argv[1]).read_text()))
-        print(f"engine {manifest['engine_sha256'][:12]} built in {manifest['build_seconds']:.1f} s on {manifest['gpu']}")
+        print(
+            f"engine {manifest['engine_sha256'][:12]} built in {manifest['build_seconds']:.1f} s on {manifest['gpu']}"
+        )
     elif argv[:1] == ["run"] and len(argv) == 4:
         run(*argv[1:])
     else:

@@ -39,7 +39,7 @@ Precision = Literal["fp32", "fp16", "bf16", "int8-static"]
 TRTEXEC_FLAGS = {"FP16": "--fp16", "BF16": "--bf16", "INT8": "--int8"}
 NOT_BUILDABLE = {
     "int8-dynamic": "TensorRT's ONNX parser does not support DynamicQuantizeLinear / MatMulInteger, the operators of "
-                    "ONNX Runtime's dynamic quantization; build `int8-static` (the QDQ model) instead",
+    "ONNX Runtime's dynamic quantization; build `int8-static` (the QDQ model) instead",
 }
 TAIL_CHARS = 3000  # of a failed child's log, in the stage's reason
 
@@ -55,8 +55,10 @@ class EngineTolerance(BaseModel):
 
 # starting points, not yet measured on a GPU (docs/tensorrt.md); the recipe's metric gate judges accuracy as well
 DEFAULT_TOLERANCES: dict[str, EngineTolerance] = {
-    "fp32": EngineTolerance(range_atol=1e-3, rtol=1e-3), "fp16": EngineTolerance(range_atol=1e-2, rtol=1e-2),
-    "bf16": EngineTolerance(range_atol=4e-2, rtol=4e-2), "int8-static": EngineTolerance(range_atol=1e-1, rtol=1e-1),
+    "fp32": EngineTolerance(range_atol=1e-3, rtol=1e-3),
+    "fp16": EngineTolerance(range_atol=1e-2, rtol=1e-2),
+    "bf16": EngineTolerance(range_atol=4e-2, rtol=4e-2),
+    "int8-static": EngineTolerance(range_atol=1e-1, rtol=1e-1),
 }
 
 
@@ -73,22 +75,30 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     enabled: bool = True
-    precision: Precision = Field("fp16", description="fp32 | fp16 | bf16 from the FP32 model; int8-static from the QDQ variant")
+    precision: Precision = Field(
+        "fp16", description="fp32 | fp16 | bf16 from the FP32 model; int8-static from the QDQ variant"
+    )
     opt_batch_size: int | None = Field(None, ge=1, description="batch TensorRT tunes for; None: max_batch_size")
     workspace_mb: int = Field(4096, ge=64, description="builder workspace memory pool limit, MiB")
     optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
     timing_cache: str = Field(".tes/trt-timing.cache", description="loaded before and saved after every build")
-    hardware_compatibility: Literal["none", "ampere_plus"] = Field("none", description="ampere_plus: runs on any GPU >= 8.0")
+    hardware_compatibility: Literal["none", "ampere_plus"] = Field(
+        "none", description="ampere_plus: runs on any GPU >= 8.0"
+    )
     version_compatible: bool = Field(False, description="runs on later TensorRT versions of the same major version")
     strongly_typed: bool = Field(False, description="types come from the ONNX graph; no precision flags")
     build_timeout_s: int = Field(3600, ge=10)
     verify_samples: int = Field(256, ge=1, description="held-out samples compared with FP32 ONNX Runtime")
     verify_timeout_s: int = Field(900, ge=10)
-    tolerances: dict[str, EngineTolerance] = Field(default_factory=dict, description="per output name; else the precision's default")
+    tolerances: dict[str, EngineTolerance] = Field(
+        default_factory=dict, description="per output name; else the precision's default"
+    )
 
 
 # --- pure logic: profiles, sources, commands ------------------------------------------------------------------------
-def profile_shapes(recipe: Recipe, max_batch_size: int, opt_batch_size: int | None = None) -> dict[str, dict[str, list[int]]]:
+def profile_shapes(
+    recipe: Recipe, max_batch_size: int, opt_batch_size: int | None = None
+) -> dict[str, dict[str, list[int]]]:
     """min/opt/max of every input, batch axis first: batch 1 / opt / max; dynamic axes from the recipe's ranges."""
     opt_batch = min(opt_batch_size or max_batch_size, max_batch_size)
     shapes = {}
@@ -106,10 +116,21 @@ def onnx_profile_problems(shapes: dict[str, dict[str, list[int]]], onnx_path: st
     whose profile moves, min > opt > max."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {init.name for init in graph.initializer}
-    graph_inputs = {v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-                    for v in graph.input if v.name not in initializers}
-    problems = [f"ONNX input '{name}' has no profile; the recipe's inputs are {sorted(shapes)}" for name in graph_inputs if name not in shapes]
-    problems += [f"profile '{name}' names no input of {Path(onnx_path).name} (inputs: {sorted(graph_inputs)})" for name in shapes if name not in graph_inputs]
+    graph_inputs = {
+        v.name: [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
+        for v in graph.input
+        if v.name not in initializers
+    }
+    problems = [
+        f"ONNX input '{name}' has no profile; the recipe's inputs are {sorted(shapes)}"
+        for name in graph_inputs
+        if name not in shapes
+    ]
+    problems += [
+        f"profile '{name}' names no input of {Path(onnx_path).name} (inputs: {sorted(graph_inputs)})"
+        for name in shapes
+        if name not in graph_inputs
+    ]
     for name, dims in graph_inputs.items():
         if name not in shapes:
             continue
@@ -119,35 +140,58 @@ def onnx_profile_problems(shapes: dict[str, dict[str, list[int]]], onnx_path: st
             continue
         for axis, size in enumerate(dims):
             if not low[axis] <= opt[axis] <= high[axis]:
-                problems.append(f"input '{name}' axis {axis}: min/opt/max {low[axis]}/{opt[axis]}/{high[axis]} is not ordered")
+                problems.append(
+                    f"input '{name}' axis {axis}: min/opt/max {low[axis]}/{opt[axis]}/{high[axis]} is not ordered"
+                )
             if size != -1 and not low[axis] == opt[axis] == high[axis] == size:
-                problems.append(f"input '{name}' axis {axis} is fixed at {size} in the ONNX graph, profile asks "
-                                f"{low[axis]}/{opt[axis]}/{high[axis]}")
+                problems.append(
+                    f"input '{name}' axis {axis} is fixed at {size} in the ONNX graph, profile asks "
+                    f"{low[axis]}/{opt[axis]}/{high[axis]}"
+                )
     return problems
 
 
-def engine_source(precision: str, fp32_onnx: str | Path, variants: Sequence[VariantReport], strongly_typed: bool = False) -> tuple[str | None, str]:
+def engine_source(
+    precision: str, fp32_onnx: str | Path, variants: Sequence[VariantReport], strongly_typed: bool = False
+) -> tuple[str | None, str]:
     """(the ONNX file to build `precision` from, "") or (None, why it cannot be built)."""
     if precision in NOT_BUILDABLE:
         return None, NOT_BUILDABLE[precision]
-    wanted = "int8-static" if precision == "int8-static" else ("fp16" if precision == "fp16" and strongly_typed else "fp32")
+    wanted = (
+        "int8-static" if precision == "int8-static" else ("fp16" if precision == "fp16" and strongly_typed else "fp32")
+    )
     if wanted == "fp32":
         return str(fp32_onnx), ""
     variant = next((v for v in variants if v.name == wanted and v.path), None)
     if variant is None:
-        return None, f"precision {precision} is built from the {wanted} variant, which this run did not build (precision.variants)"
+        return (
+            None,
+            f"precision {precision} is built from the {wanted} variant, which this run did not build "
+            "(precision.variants)",
+        )
     return variant.path, ""
 
 
-def trtexec_command(onnx_path: Path, engine_path: Path, shapes: dict, config: EngineConfig, timing_cache: Path) -> list[str]:
+def trtexec_command(
+    onnx_path: Path, engine_path: Path, shapes: dict, config: EngineConfig, timing_cache: Path
+) -> list[str]:
     """The trtexec command line that builds the same engine as the child process."""
+
     def shape_flag(kind: str) -> str:
         return ",".join(f"{name}:{'x'.join(map(str, dims[kind]))}" for name, dims in shapes.items())
 
-    command = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--minShapes={shape_flag('min')}",
-               f"--optShapes={shape_flag('opt')}", f"--maxShapes={shape_flag('max')}",
-               f"--memPoolSize=workspace:{config.workspace_mb}M", f"--builderOptimizationLevel={config.optimization_level}",
-               f"--timingCacheFile={timing_cache}", "--skipInference"]
+    command = [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={engine_path}",
+        f"--minShapes={shape_flag('min')}",
+        f"--optShapes={shape_flag('opt')}",
+        f"--maxShapes={shape_flag('max')}",
+        f"--memPoolSize=workspace:{config.workspace_mb}M",
+        f"--builderOptimizationLevel={config.optimization_level}",
+        f"--timingCacheFile={timing_cache}",
+        "--skipInference",
+    ]
     if config.strongly_typed:
         command.append("--stronglyTyped")
     else:
@@ -161,8 +205,11 @@ def trtexec_command(onnx_path: Path, engine_path: Path, shapes: dict, config: En
 
 
 def write_reproduce(folder: Path, command: list[str]) -> Path:
-    script = atomic_write_text(folder / "reproduce.sh", "#!/usr/bin/env bash\n# the trtexec equivalent of this engine's build "
-                               "(TensorRT 10; run it on the GPU the engine is for)\nset -euo pipefail\n" + shlex.join(command) + "\n")
+    script = atomic_write_text(
+        folder / "reproduce.sh",
+        "#!/usr/bin/env bash\n# the trtexec equivalent of this engine's build "
+        "(TensorRT 10; run it on the GPU the engine is for)\nset -euo pipefail\n" + shlex.join(command) + "\n",
+    )
     script.chmod(0o755)
     return script
 
@@ -186,8 +233,13 @@ def run_child(args: list[str], timeout_s: int, log_path: Path, env: dict | None 
     A negative exit code is the signal that killed it (a crash in native code)."""
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            child = subprocess.run([sys.executable, "-m", "export.tensorrt_build", *args], stdout=log, stderr=subprocess.STDOUT,
-                                   timeout=timeout_s, env=env)
+            child = subprocess.run(
+                [sys.executable, "-m", "export.tensorrt_build", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+                env=env,
+            )
             code: int | None = child.returncode
         except subprocess.TimeoutExpired:  # subprocess.run has killed it
             code = None
@@ -196,13 +248,18 @@ def run_child(args: list[str], timeout_s: int, log_path: Path, env: dict | None 
 
 def child_failure(what: str, code: int | None, tail: str, timeout_s: int) -> str:
     if code is None:
-        return f"{what} ran past {timeout_s} s and was stopped; raise the timeout or lower optimization_level. Log tail:\n{tail}"
+        return (
+            f"{what} ran past {timeout_s} s and was stopped; raise the timeout or lower optimization_level. "
+            f"Log tail:\n{tail}"
+        )
     cause = f"was killed by signal {-code} (a crash in native code)" if code < 0 else f"exited with {code}"
     return f"{what} {cause}; the flow goes on without it. Log tail:\n{tail}"
 
 
 # --- build ----------------------------------------------------------------------------------------------------------
-def build(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: EngineConfig, max_batch_size: int) -> StageResult[EngineOutput]:
+def build(
+    recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: EngineConfig, max_batch_size: int
+) -> StageResult[EngineOutput]:
     """Build one engine into `out_dir/<precision>/` in a child process; SKIPPED without TensorRT or a GPU."""
     onnx_path, folder = Path(onnx_path).resolve(), Path(out_dir).resolve() / config.precision
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,16 +268,29 @@ def build(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: En
     write_reproduce(folder, trtexec_command(onnx_path, folder / ENGINE_FILE, shapes, config, cache))
     problems = onnx_profile_problems(shapes, onnx_path)
     if problems:
-        return StageResult(stage="tensorrt", status=Status.FAILED,
-                           reason="the optimization profile does not fit the ONNX graph:\n  - " + "\n  - ".join(problems))
+        return StageResult(
+            stage="tensorrt",
+            status=Status.FAILED,
+            reason="the optimization profile does not fit the ONNX graph:\n  - " + "\n  - ".join(problems),
+        )
     if not config.enabled:
         return StageResult.skipped("tensorrt", "tensorrt.enabled is false")
     reason = unavailable_reason()
     if reason:
-        return StageResult(stage="tensorrt", status=Status.SKIPPED, reason=reason, output=EngineOutput(reproduce=str(folder / "reproduce.sh")))
+        return StageResult(
+            stage="tensorrt",
+            status=Status.SKIPPED,
+            reason=reason,
+            output=EngineOutput(reproduce=str(folder / "reproduce.sh")),
+        )
     cache.parent.mkdir(parents=True, exist_ok=True)
-    spec = {"onnx": str(onnx_path), "folder": str(folder), "shapes": shapes, "max_batch_size": max_batch_size,
-            "config": {**config.model_dump(mode="json"), "timing_cache": str(cache)}}
+    spec = {
+        "onnx": str(onnx_path),
+        "folder": str(folder),
+        "shapes": shapes,
+        "max_batch_size": max_batch_size,
+        "config": {**config.model_dump(mode="json"), "timing_cache": str(cache)},
+    }
     return build_in_child(atomic_write_json(folder / "build-spec.json", spec), config.build_timeout_s)
 
 
@@ -230,12 +300,25 @@ def build_in_child(spec_path: Path, timeout_s: int, env: dict | None = None) -> 
     with timed() as clock:
         code, tail = run_child(["build", str(spec_path)], timeout_s, folder / "build.log", env)
     if code != 0:
-        return StageResult(stage="tensorrt", status=Status.FAILED, seconds=clock["seconds"],
-                           reason=child_failure("the engine build", code, tail, timeout_s))
-    output = EngineOutput(folder=str(folder), engine=str(folder / ENGINE_FILE), manifest=str(folder / MANIFEST_FILE),
-                          reproduce=str(folder / "reproduce.sh"))
-    return StageResult(stage="tensorrt", status=Status.OK, seconds=clock["seconds"],
-                       artifacts=(Artifact.of(folder / ENGINE_FILE), Artifact.of(folder / MANIFEST_FILE)), output=output)
+        return StageResult(
+            stage="tensorrt",
+            status=Status.FAILED,
+            seconds=clock["seconds"],
+            reason=child_failure("the engine build", code, tail, timeout_s),
+        )
+    output = EngineOutput(
+        folder=str(folder),
+        engine=str(folder / ENGINE_FILE),
+        manifest=str(folder / MANIFEST_FILE),
+        reproduce=str(folder / "reproduce.sh"),
+    )
+    return StageResult(
+        stage="tensorrt",
+        status=Status.OK,
+        seconds=clock["seconds"],
+        artifacts=(Artifact.of(folder / ENGINE_FILE), Artifact.of(folder / MANIFEST_FILE)),
+        output=output,
+    )
 
 
 # --- verification ---------------------------------------------------------------------------------------------------
@@ -244,12 +327,18 @@ def outside_profile(inputs: dict[str, np.ndarray], profiles: dict) -> list[str]:
     for name, array in inputs.items():
         low, high = profiles[name]["min"], profiles[name]["max"]
         if array.ndim != len(low) or any(not a <= size <= b for size, a, b in zip(array.shape, low, high)):
-            problems.append(f"input '{name}' of shape {list(array.shape)} is outside the engine's profile {low}..{high}")
+            problems.append(
+                f"input '{name}' of shape {list(array.shape)} is outside the engine's profile {low}..{high}"
+            )
     return problems
 
 
-def compare_outputs(reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]], precision: str,
-                    overrides: dict[str, EngineTolerance] | None = None) -> list[str]:
+def compare_outputs(
+    reference: list[dict[str, np.ndarray]],
+    got: list[dict[str, np.ndarray]],
+    precision: str,
+    overrides: dict[str, EngineTolerance] | None = None,
+) -> list[str]:
     """Every output of every batch against FP32 within its tolerance; one line per failing output."""
     mismatches = []
     for name in reference[0]:
@@ -257,7 +346,9 @@ def compare_outputs(reference: list[dict[str, np.ndarray]], got: list[dict[str, 
         shapes = [(list(r[name].shape), list(g[name].shape) if name in g else None) for r, g in zip(reference, got)]
         wrong = [(want, have) for want, have in shapes if want != have]
         if wrong:
-            mismatches.append(f"output '{name}': shape {wrong[0][1]}, expected {wrong[0][0]} (missing or reshaped by the engine)")
+            mismatches.append(
+                f"output '{name}': shape {wrong[0][1]}, expected {wrong[0][0]} (missing or reshaped by the engine)"
+            )
             continue
         ref = np.concatenate([r[name].astype(np.float64).ravel() for r in reference])
         error = np.abs(np.concatenate([g[name].astype(np.float64).ravel() for g in got]) - ref)
@@ -266,28 +357,47 @@ def compare_outputs(reference: list[dict[str, np.ndarray]], got: list[dict[str, 
         if bad.any():
             worst = int(np.nanargmax(np.where(np.isnan(error), np.inf, error - allowed)))
             mismatches.append(
-                f"output '{name}': {bad.mean():.2%} of {bad.size} values out of tolerance, worst |diff| {error[worst]:.3g} "
-                f"where {allowed[worst]:.3g} is allowed ({precision}: range_atol={tolerance.range_atol}, rtol={tolerance.rtol}); "
-                f"set tensorrt.tolerances['{name}'] if this error is expected for {precision}")
+                f"output '{name}': {bad.mean():.2%} of {bad.size} values out of tolerance, worst |diff| "
+                f"{error[worst]:.3g} "
+                f"where {allowed[worst]:.3g} is allowed ({precision}: range_atol={tolerance.range_atol}, "
+                f"rtol={tolerance.rtol}); "
+                f"set tensorrt.tolerances['{name}'] if this error is expected for {precision}"
+            )
     return mismatches
 
 
-def judge(recipe: Recipe, precision: str, reference: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
-          targets: list[np.ndarray], config: EngineConfig, gates: PrecisionConfig, throughput: float,
-          fp32_throughput: float) -> VariantReport:
+def judge(
+    recipe: Recipe,
+    precision: str,
+    reference: list[dict[str, np.ndarray]],
+    got: list[dict[str, np.ndarray]],
+    targets: list[np.ndarray],
+    config: EngineConfig,
+    gates: PrecisionConfig,
+    throughput: float,
+    fp32_throughput: float,
+) -> VariantReport:
     """The engine as a variant: the recipe's metric on its outputs and on FP32's, its distance to FP32, and the
     same accuracy and speed gates as every precision variant, plus the per-output numerical check."""
     first = next(iter(reference[0]))  # recipes score their first output
-    fp32 = VariantReport(name="fp32", metrics=recipe.score([r[first] for r in reference], targets), throughput_per_s=fp32_throughput)
-    report = VariantReport(name=f"tensorrt-{precision}", runtime="tensorrt", runtime_precision=precision, throughput_per_s=throughput)
+    fp32 = VariantReport(
+        name="fp32", metrics=recipe.score([r[first] for r in reference], targets), throughput_per_s=fp32_throughput
+    )
+    report = VariantReport(
+        name=f"tensorrt-{precision}", runtime="tensorrt", runtime_precision=precision, throughput_per_s=throughput
+    )
     mismatches = compare_outputs(reference, got, precision, config.tolerances)
     if any(name not in g or g[name].shape != r[name].shape for r, g in zip(reference, got) for name in r):
         report.status, report.reason = "rejected", "; ".join(mismatches)  # nothing to score
         return report
     report.metrics = recipe.score([g[first] for g in got], targets)
-    differences = np.concatenate([np.abs(g[first].astype(np.float64) - r[first]).ravel() for g, r in zip(got, reference)])
+    differences = np.concatenate(
+        [np.abs(g[first].astype(np.float64) - r[first]).ravel() for g, r in zip(got, reference)]
+    )
     report.max_abs_diff, report.mean_abs_diff = float(differences.max()), float(differences.mean())
-    report.top1_agreement = float(np.concatenate([g[first].argmax(-1) == r[first].argmax(-1) for g, r in zip(got, reference)]).mean())
+    report.top1_agreement = float(
+        np.concatenate([g[first].argmax(-1) == r[first].argmax(-1) for g, r in zip(got, reference)]).mean()
+    )
     reasons = ["numerical check: " + "; ".join(mismatches)] if mismatches else []
     reasons.append(accuracy_gate(recipe, report, fp32, gates.accuracy_budget) or "")
     if gates.min_speedup and fp32_throughput:
@@ -298,8 +408,14 @@ def judge(recipe: Recipe, precision: str, reference: list[dict[str, np.ndarray]]
     return report
 
 
-def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: EngineConfig, gates: PrecisionConfig,
-           fp32_throughput: float = 0.0) -> StageResult[EngineOutput]:
+def verify(
+    recipe: Recipe,
+    folder: str | Path,
+    fp32_onnx: str | Path,
+    config: EngineConfig,
+    gates: PrecisionConfig,
+    fp32_throughput: float = 0.0,
+) -> StageResult[EngineOutput]:
     """Run the engine (in a child process) on held-out inputs, compare with FP32 ONNX Runtime, score and gate it;
     writes `verification.json` beside the engine. SKIPPED without TensorRT or a GPU."""
     folder = Path(folder)
@@ -311,36 +427,78 @@ def verify(recipe: Recipe, folder: str | Path, fp32_onnx: str | Path, config: En
     batch_limit = min(dims["max"][0] for dims in profiles.values())
     batches = list(recipe.eval_batches(min(32, batch_limit), config.verify_samples))
     speed = recipe.example_inputs(min(gates.speed_batch_size, batch_limit))
-    problems = [line for batch in batches for line in outside_profile(batch.inputs, profiles)] + outside_profile(speed, profiles)
+    problems = [line for batch in batches for line in outside_profile(batch.inputs, profiles)] + outside_profile(
+        speed, profiles
+    )
     if problems:
-        return StageResult(stage="tensorrt", status=Status.FAILED, reason="verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems))
+        return StageResult(
+            stage="tensorrt",
+            status=Status.FAILED,
+            reason="verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems),
+        )
     work = folder / "verify"
     work.mkdir(exist_ok=True)
     feeds = {f"{i}/{name}": array for i, batch in enumerate(batches) for name, array in batch.inputs.items()}
     np.savez(work / "inputs.npz", **feeds, **{f"speed/{name}": array for name, array in speed.items()})
     with timed() as clock:
-        code, tail = run_child(["run", str(folder / ENGINE_FILE), str(work / "inputs.npz"), str(work / "outputs.npz")],
-                               config.verify_timeout_s, work / "run.log")
+        code, tail = run_child(
+            ["run", str(folder / ENGINE_FILE), str(work / "inputs.npz"), str(work / "outputs.npz")],
+            config.verify_timeout_s,
+            work / "run.log",
+        )
     if code != 0:
-        return StageResult(stage="tensorrt", status=Status.FAILED, seconds=clock["seconds"],
-                           reason=child_failure("running the engine", code, tail, config.verify_timeout_s))
+        return StageResult(
+            stage="tensorrt",
+            status=Status.FAILED,
+            seconds=clock["seconds"],
+            reason=child_failure("running the engine", code, tail, config.verify_timeout_s),
+        )
     saved = np.load(work / "outputs.npz")
     session = open_session(fp32_onnx)
     names = [output.name for output in session.get_outputs()]
     reference = [dict(zip(names, session.run(None, batch.inputs))) for batch in batches]
     got = [{name: saved[f"{i}/{name}"] for name in names if f"{i}/{name}" in saved.files} for i in range(len(batches))]
     throughput = len(next(iter(speed.values()))) / float(saved["seconds/speed"])
-    report = judge(recipe, manifest["precision"], reference, got, [b.targets for b in batches], config, gates, throughput, fp32_throughput)
-    report.path, report.bytes, report.sha256 = str(folder / ENGINE_FILE), manifest["engine_bytes"], manifest["engine_sha256"]
-    record = {**report.to_dict(), "compared_with": f"ONNX Runtime FP32 (CPU) on {sum(len(b.targets) for b in batches)} held-out samples",
-              "engine_manifest": manifest}
+    report = judge(
+        recipe,
+        manifest["precision"],
+        reference,
+        got,
+        [b.targets for b in batches],
+        config,
+        gates,
+        throughput,
+        fp32_throughput,
+    )
+    report.path, report.bytes, report.sha256 = (
+        str(folder / ENGINE_FILE),
+        manifest["engine_bytes"],
+        manifest["engine_sha256"],
+    )
+    record = {
+        **report.to_dict(),
+        "compared_with": f"ONNX Runtime FP32 (CPU) on {sum(len(b.targets) for b in batches)} held-out samples",
+        "engine_manifest": manifest,
+    }
     path = atomic_write_json(folder / "verification.json", record)
-    return StageResult(stage="tensorrt", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(path),),
-                       output=EngineOutput(folder=str(folder), verification=report))
+    return StageResult(
+        stage="tensorrt",
+        status=Status.OK,
+        seconds=clock["seconds"],
+        artifacts=(Artifact.of(path),),
+        output=EngineOutput(folder=str(folder), verification=report),
+    )
 
 
-def run_stage(recipe: Recipe, fp32_onnx: str | Path, variants: Sequence[VariantReport], out_dir: str | Path, config: EngineConfig,
-              gates: PrecisionConfig, max_batch_size: int) -> StageResult[EngineOutput]:
+def run_stage(
+    recipe: Recipe,
+    fp32_onnx: str | Path,
+    variants: Sequence[VariantReport],
+    out_dir: str | Path,
+    config: EngineConfig,
+    gates: PrecisionConfig,
+    max_batch_size: int,
+) -> StageResult[EngineOutput]:
     """The whole stage: pick the source ONNX for the precision, build, verify; SKIPPED where that cannot happen."""
     if not config.enabled:
         return StageResult.skipped("tensorrt", "tensorrt.enabled is false")
@@ -355,13 +513,20 @@ def run_stage(recipe: Recipe, fp32_onnx: str | Path, variants: Sequence[VariantR
     status = Status.FAILED if checked.status is Status.FAILED else Status.OK
     verification = checked.output.verification if checked.output else None
     output = built.output.model_copy(update={"source_onnx": str(source), "verification": verification})
-    return StageResult(stage="tensorrt", status=status, seconds=built.seconds + checked.seconds, reason=checked.reason,
-                       artifacts=built.artifacts + checked.artifacts, output=output)
+    return StageResult(
+        stage="tensorrt",
+        status=status,
+        seconds=built.seconds + checked.seconds,
+        reason=checked.reason,
+        artifacts=built.artifacts + checked.artifacts,
+        output=output,
+    )
 
 
 # --- rebuilding an engine of a finished run (tes export-repository --rebuild) ----------------------------------------
-def local_rebuild(run_dir: str | Path, recipe: Recipe, config: EngineConfig, gates: PrecisionConfig,
-                  max_batch_size: int) -> Callable[[str, str], Path]:
+def local_rebuild(
+    run_dir: str | Path, recipe: Recipe, config: EngineConfig, gates: PrecisionConfig, max_batch_size: int
+) -> Callable[[str, str], Path]:
     """A `rebuild(precision, compute_capability) -> engine folder` for the native repository export: builds and
     verifies an engine of the run in `run_dir` on this machine's GPU, which must have that compute capability.
     Raises `EngineMismatch` where that cannot happen, with what to do instead."""
@@ -376,13 +541,24 @@ def local_rebuild(run_dir: str | Path, recipe: Recipe, config: EngineConfig, gat
 
         here = "{}.{}".format(*torch.cuda.get_device_capability(0))
         if here != capability:
-            raise EngineMismatch(f"{cannot}: this GPU is {here}; run export-repository --rebuild on a GPU of {capability}, "
-                                 "or pass its engines with --engine-dir")
+            raise EngineMismatch(
+                f"{cannot}: this GPU is {here}; run export-repository --rebuild on a GPU of {capability}, "
+                "or pass its engines with --engine-dir"
+            )
         variants = [VariantReport(**entry) for entry in json.loads(run.variants.read_text())]
-        result = run_stage(recipe, run.onnx, variants, run.engines / f"sm{capability.replace('.', '')}",
-                           config.model_copy(update={"precision": precision, "enabled": True}), gates, max(1, max_batch_size))
+        result = run_stage(
+            recipe,
+            run.onnx,
+            variants,
+            run.engines / f"sm{capability.replace('.', '')}",
+            config.model_copy(update={"precision": precision, "enabled": True}),
+            gates,
+            max(1, max_batch_size),
+        )
         if result.status is not Status.OK:
-            raise EngineMismatch(f"rebuilding the {precision} engine for {capability} {result.status.value}: {result.reason}")
+            raise EngineMismatch(
+                f"rebuilding the {precision} engine for {capability} {result.status.value}: {result.reason}"
+            )
         return Path(result.output.folder)
 
     return rebuild

@@ -39,15 +39,31 @@ class PrecisionConfig(BaseModel):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_samples: int = Field(128, ge=1, le=100_000, description="training-split samples for static INT8")
     per_channel: bool = Field(True, description="per-channel weight scales for static INT8")
-    static_op_types: tuple[str, ...] = Field(("MatMul", "Gemm", "Conv"), description="op types static INT8 quantizes; () for all")
-    static_weights_only: bool = Field(True, description="static INT8 quantizes only nodes with a constant weight, "
-                                                        "not products of two activations (attention)")
-    accuracy_budget: float = Field(0.01, ge=-1, le=1, description="largest relative drop of the primary metric vs FP32 "
-                                   "(0.01: 1%; a negative budget demands an improvement)")
-    min_speedup: float = Field(1.05, ge=0, description="a variant must be this many times faster than FP32; 0 turns the gate off")
+    static_op_types: tuple[str, ...] = Field(
+        ("MatMul", "Gemm", "Conv"), description="op types static INT8 quantizes; () for all"
+    )
+    static_weights_only: bool = Field(
+        True,
+        description="static INT8 quantizes only nodes with a constant weight, "
+        "not products of two activations (attention)",
+    )
+    accuracy_budget: float = Field(
+        0.01,
+        ge=-1,
+        le=1,
+        description="largest relative drop of the primary metric vs FP32 "
+        "(0.01: 1%; a negative budget demands an improvement)",
+    )
+    min_speedup: float = Field(
+        1.05, ge=0, description="a variant must be this many times faster than FP32; 0 turns the gate off"
+    )
     speed_batch_size: int = Field(8, ge=1, description="batch for the throughput measurement")
     speed_repeats: int = Field(20, ge=3, le=10_000, description="timed runs per variant and shape")
-    score_samples: int = Field(2048, ge=1, description="validation samples scored per variant (the accuracy gate compares a few; 512 put 1% at 3 samples)")
+    score_samples: int = Field(
+        2048,
+        ge=1,
+        description="validation samples scored per variant (the accuracy gate compares a few; 512 put 1% at 3 samples)",
+    )
     exclusion_retries: int = Field(2, ge=0, le=10, description="retries of static INT8 with drifting nodes excluded")
     nodes_per_retry: int = Field(3, ge=1, le=100)
     policy: Policy = Field("max-throughput", description="which accepted variant serves the plain model name")
@@ -103,15 +119,21 @@ class PrecisionOutput(StageOutput):
         return [v for v in self.variants if v.status == "accepted"]
 
 
-def precision_stage(recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: PrecisionConfig) -> StageResult[PrecisionOutput]:
+def precision_stage(
+    recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: PrecisionConfig
+) -> StageResult[PrecisionOutput]:
     """Every precision variant built, scored on validation data and gated against FP32; `variants.json` beside them."""
     with timed() as clock:
         reports = build_and_score(recipe, onnx_path, out_dir, config)
     atomic_write_json(Path(out_dir) / VARIANTS_FILE, [r.to_dict() for r in reports])
     selected = next(r.name for r in reports if r.serves_alias)
     artifacts = tuple(Artifact(path=r.path, sha256=r.sha256, bytes=r.bytes) for r in reports if r.path and r.sha256)
-    output = PrecisionOutput(variants=tuple(reports), selected=selected, policy=config.policy, primary_metric=recipe.primary_metric)
-    return StageResult(stage="precision", status=Status.OK, seconds=clock["seconds"], artifacts=artifacts, output=output)
+    output = PrecisionOutput(
+        variants=tuple(reports), selected=selected, policy=config.policy, primary_metric=recipe.primary_metric
+    )
+    return StageResult(
+        stage="precision", status=Status.OK, seconds=clock["seconds"], artifacts=artifacts, output=output
+    )
 
 
 def _first_outputs(session, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -133,16 +155,20 @@ def accuracy_gate(recipe: Recipe, report: VariantReport, fp32: VariantReport, bu
     base, got = fp32.metrics[metric], report.metrics[metric]
     report.metric_delta_relative = (got - base) / base if base else 0.0
     if base and (base - got) / base > budget:
-        return (f"accuracy gate: {metric} {got:.4f} vs FP32 {base:.4f} (change {100 * report.metric_delta_relative:+.2f}%, "
-                f"the budget allows down to {-100 * budget:+.2f}%)")
+        return (
+            f"accuracy gate: {metric} {got:.4f} vs FP32 {base:.4f} (change {100 * report.metric_delta_relative:+.2f}%, "
+            f"the budget allows down to {-100 * budget:+.2f}%)"
+        )
     return None
 
 
 def speed_gate(report: VariantReport, fp32: VariantReport, min_speedup: float) -> str | None:
     report.speedup_vs_fp32 = report.throughput_per_s / fp32.throughput_per_s if fp32.throughput_per_s else 0.0
     if report.speedup_vs_fp32 < min_speedup:
-        return (f"speed gate: {report.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f} "
-                f"({report.speedup_vs_fp32:.2f}x, needs at least {min_speedup:.2f}x)")
+        return (
+            f"speed gate: {report.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f} "
+            f"({report.speedup_vs_fp32:.2f}x, needs at least {min_speedup:.2f}x)"
+        )
     return None
 
 
@@ -154,22 +180,44 @@ def select(reports: list[VariantReport], policy: Policy) -> VariantReport:
     return min(accepted, key=lambda r: r.latency_p50_ms)
 
 
-def _build(name: str, fp32_path: Path, out_dir: Path, calibration: list, config: PrecisionConfig, exclude: list[str], attempt: int) -> Path:
+def _build(
+    name: str,
+    fp32_path: Path,
+    out_dir: Path,
+    calibration: list,
+    config: PrecisionConfig,
+    exclude: list[str],
+    attempt: int,
+) -> Path:
     if name == "fp32":
         return fp32_path
     if name == "int8-dynamic":
         return quantize.build_int8_dynamic(fp32_path, out_dir)
-    if name in ("int8-static", "openvino-int8"):  # OpenVINO runs a QDQ model with its own int8 kernels, best with S8 activations
+    if name in (
+        "int8-static",
+        "openvino-int8",
+    ):  # OpenVINO runs a QDQ model with its own int8 kernels, best with S8 activations
         file_name = f"{name}-{attempt}" if attempt else name
-        return quantize.build_int8_static(fp32_path, out_dir, calibration, config.calibration_method, config.per_channel,
-                                          exclude, name=file_name, op_types=config.static_op_types or None,
-                                          weights_only=config.static_weights_only, symmetric_activations=name == "openvino-int8")
+        return quantize.build_int8_static(
+            fp32_path,
+            out_dir,
+            calibration,
+            config.calibration_method,
+            config.per_channel,
+            exclude,
+            name=file_name,
+            op_types=config.static_op_types or None,
+            weights_only=config.static_weights_only,
+            symmetric_activations=name == "openvino-int8",
+        )
     if name == "openvino-bf16":  # OpenVINO compiles the FP32 graph with bf16 inference precision
         return fp32_path
     return quantize.build_fp16(fp32_path, out_dir)
 
 
-def build_and_score(recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, config: PrecisionConfig) -> list[VariantReport]:
+def build_and_score(
+    recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, config: PrecisionConfig
+) -> list[VariantReport]:
     """Every configured variant, built, scored and gated; exactly one accepted variant has `serves_alias`."""
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +228,9 @@ def build_and_score(recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, 
     reports, sessions = [], {}
     for name in config.variants:
         wall, cpu = time.perf_counter(), time.process_time()
-        report, session = _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports)
+        report, session = _build_scored(
+            recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports
+        )
         report.build_seconds, report.build_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
         reports.append(report)
         if session is not None:
@@ -207,7 +257,9 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
     runtime, runtime_precision = runtime_of(name)
     retried = name in ("int8-static", "openvino-int8")
     for attempt in range(config.exclusion_retries + 1 if retried else 1):
-        report = VariantReport(name=name, excluded_nodes=list(excluded), drift=drift, runtime=runtime, runtime_precision=runtime_precision)
+        report = VariantReport(
+            name=name, excluded_nodes=list(excluded), drift=drift, runtime=runtime, runtime_precision=runtime_precision
+        )
         try:
             path = _build(name, fp32_path, out_dir, calibration, config, excluded, attempt)
             session = open_session(path, runtime, runtime_precision)
@@ -223,9 +275,15 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
         report.status, report.reason = "rejected", reason
         if not retried or attempt == config.exclusion_retries:
             return report, None
-        quantized = quantize.quantized_nodes(quantize.preprocess(fp32_path, out_dir), config.static_op_types or None,
-                                             config.static_weights_only, excluded)
-        drift = quantize.qdq_drift(fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry, quantized=quantized)
+        quantized = quantize.quantized_nodes(
+            quantize.preprocess(fp32_path, out_dir),
+            config.static_op_types or None,
+            config.static_weights_only,
+            excluded,
+        )
+        drift = quantize.qdq_drift(
+            fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry, quantized=quantized
+        )
         excluded += [item["node"] for item in drift if item["node"] not in excluded]
         log.info("%s: %s; retrying without %s", name, reason, excluded)
     return report, None
@@ -239,19 +297,36 @@ def table_rows(reports: list[VariantReport], primary_metric: str) -> list[list[s
         if r.excluded_nodes:
             decision += f"; excluded from quantization: {', '.join(r.excluded_nodes)}"
         scored, timed_ = bool(r.metrics), r.throughput_per_s > 0  # skipped: neither; rejected on accuracy: not timed
-        rows.append([r.name, f"{r.bytes / 1e6:.2f} MB" if r.bytes else "-",
-                     f"{r.metrics[primary_metric]:.4f}" if scored else "-",
-                     f"{100 * r.metric_delta_relative:+.2f}%" if scored else "-",
-                     f"{r.max_abs_diff:.2e} / {r.mean_abs_diff:.2e}" if scored else "-",
-                     f"{r.top1_agreement:.3f}" if scored else "-",
-                     f"{r.latency_p50_ms:.2f} ms" if timed_ else "-", f"{r.throughput_per_s:.0f}/s" if timed_ else "-",
-                     f"{r.speedup_vs_fp32:.2f}x" if timed_ else "-", decision])
+        rows.append(
+            [
+                r.name,
+                f"{r.bytes / 1e6:.2f} MB" if r.bytes else "-",
+                f"{r.metrics[primary_metric]:.4f}" if scored else "-",
+                f"{100 * r.metric_delta_relative:+.2f}%" if scored else "-",
+                f"{r.max_abs_diff:.2e} / {r.mean_abs_diff:.2e}" if scored else "-",
+                f"{r.top1_agreement:.3f}" if scored else "-",
+                f"{r.latency_p50_ms:.2f} ms" if timed_ else "-",
+                f"{r.throughput_per_s:.0f}/s" if timed_ else "-",
+                f"{r.speedup_vs_fp32:.2f}x" if timed_ else "-",
+                decision,
+            ]
+        )
     return rows
 
 
 def table_header(primary_metric: str) -> list[str]:
-    return ["variant", "size", primary_metric, "vs FP32", "max / mean abs diff", "top-1 agree", "p50 b=1", "throughput",
-            "speedup", "decision"]
+    return [
+        "variant",
+        "size",
+        primary_metric,
+        "vs FP32",
+        "max / mean abs diff",
+        "top-1 agree",
+        "p50 b=1",
+        "throughput",
+        "speedup",
+        "decision",
+    ]
 
 
 def render_table(reports: list[VariantReport], primary_metric: str) -> str:

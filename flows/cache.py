@@ -35,7 +35,9 @@ def cache_key(params: PipelineParams, recipe: Recipe) -> str | None:
     data = recipe.data_fingerprint()
     if data is None:
         return None
-    relevant = params.model_dump(mode="json", include={"recipe", "stdlib_gpt", "digits_cnn", "recipe_options", "training", "export", "precision"})
+    relevant = params.model_dump(
+        mode="json", include={"recipe", "stdlib_gpt", "digits_cnn", "recipe_options", "training", "export", "precision"}
+    )
     relevant["training"].pop("resume", None)
     blob = json.dumps({"params": relevant, "data": data, "code": code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -11,15 +11,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import ConfigError, RecipeError
 from accounting.ledger import Prices
 from bench.stage import BenchmarkOptions
+from core.errors import ConfigError, RecipeError
 from export.onnx_export import ExportConfig
 from export.trt_engine import EngineConfig
 from export.variants import PrecisionConfig
+from recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, validation_problems
 from serving.repository import ServingConfig, check_model_name
 from training.loop import TrainingConfig
-from recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, validation_problems
 
 RECIPE_PATTERN = r"^(stdlib-gpt|digits-cnn|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -28,24 +28,39 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 class ServingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_batch_size: int | None = Field(None, ge=0, le=4096, description="None: the recipe's default; 0 disables batching")
+    max_batch_size: int | None = Field(
+        None, ge=0, le=4096, description="None: the recipe's default; 0 disables batching"
+    )
     dynamic_batching: bool = True
-    max_queue_delay_microseconds: int = Field(0, ge=0, le=10_000_000, description="how long the batcher may hold a request for company; 0 measured best here (benchmarks/serving_overhead.py)")
-    max_queue_size: int = Field(0, ge=0, le=1_000_000, description="refuse requests beyond this many waiting; 0: no limit")
+    max_queue_delay_microseconds: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="how long the batcher may hold a request for company; 0 measured best here "
+        "(benchmarks/serving_overhead.py)",
+    )
+    max_queue_size: int = Field(
+        0, ge=0, le=1_000_000, description="refuse requests beyond this many waiting; 0: no limit"
+    )
     instance_count: int = Field(1, ge=1, le=64)
     intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")
     load: bool = Field(True, description="load the new version into the running Triton (tes up) when there is one")
-    triton_url: str | None = Field(None, description="host:port of Triton's HTTP endpoint; None: the one `tes up` started")
+    triton_url: str | None = Field(
+        None, description="host:port of Triton's HTTP endpoint; None: the one `tes up` started"
+    )
     triton_grpc_url: str | None = Field(None, description="host:port of its gRPC endpoint, checked too when given")
-    triton_admin_key: str | None = Field(None, description="key for its model-repository API, if restricted; "
-                                         "None: the key of the stack `tes up` started")
+    triton_admin_key: str | None = Field(
+        None, description="key for its model-repository API, if restricted; None: the key of the stack `tes up` started"
+    )
 
 
 class PipelineParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     recipe: str = Field("stdlib-gpt", pattern=RECIPE_PATTERN, description="built-in recipe or package.module:attribute")
-    model_name: str | None = Field(None, pattern=MODEL_NAME_PATTERN, description="Triton model name; None: the recipe's name")
+    model_name: str | None = Field(
+        None, pattern=MODEL_NAME_PATTERN, description="Triton model name; None: the recipe's name"
+    )
     stdlib_gpt: StdlibGptOptions = StdlibGptOptions()
     digits_cnn: DigitsCnnOptions = DigitsCnnOptions()
     recipe_options: dict[str, Any] = Field(default_factory=dict, description="options of a user's own recipe")
@@ -93,14 +108,20 @@ class PipelineParams(BaseModel):
 
     def serving_config(self, recipe: Recipe) -> ServingConfig:
         value_ranges = {spec.name: spec.value_range for spec in recipe.inputs if spec.value_range is not None}
-        max_dims = {spec.name: [spec.ranges[axis][2] if size == -1 else size for axis, size in enumerate(spec.shape)]
-                    for spec in recipe.inputs}
+        max_dims = {
+            spec.name: [spec.ranges[axis][2] if size == -1 else size for axis, size in enumerate(spec.shape)]
+            for spec in recipe.inputs
+        }
         limit = recipe.max_batch_size if self.serving.max_batch_size is None else self.serving.max_batch_size
         return ServingConfig(
-            max_batch_size=limit, dynamic_batching=self.serving.dynamic_batching,
-            max_queue_delay_microseconds=self.serving.max_queue_delay_microseconds, max_queue_size=self.serving.max_queue_size,
-            instance_count=self.serving.instance_count, intra_op_threads=self.serving.intra_op_threads,
-            value_ranges=value_ranges, max_dims=max_dims,
+            max_batch_size=limit,
+            dynamic_batching=self.serving.dynamic_batching,
+            max_queue_delay_microseconds=self.serving.max_queue_delay_microseconds,
+            max_queue_size=self.serving.max_queue_size,
+            instance_count=self.serving.instance_count,
+            intra_op_threads=self.serving.intra_op_threads,
+            value_ranges=value_ranges,
+            max_dims=max_dims,
         )
 
 

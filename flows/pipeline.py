@@ -81,7 +81,9 @@ class _Stages:
         self.run.record(result)
         return result
 
-    def reused_or_run(self, name: str, output_type: type, function: Callable[..., StageResult], *args: Any) -> StageResult:
+    def reused_or_run(
+        self, name: str, output_type: type, function: Callable[..., StageResult], *args: Any
+    ) -> StageResult:
         """The cached result of an earlier identical run (same data, code and configuration), else a fresh run."""
         try:
             earlier = StageResult[output_type].model_validate(self.cached["stages"][name]) if self.cached else None
@@ -103,7 +105,9 @@ def resolve_endpoint(serving: ServingParams) -> tuple[Endpoint | None, str]:
     return found, ""
 
 
-def run_pipeline(params: PipelineParams, call: StageCall = direct_call, publish: Callable[[str], None] | None = None) -> RunSummary:
+def run_pipeline(
+    params: PipelineParams, call: StageCall = direct_call, publish: Callable[[str], None] | None = None
+) -> RunSummary:
     """Run every stage in order; returns the run summary (also written to the run folder).
 
     A run whose data, code and configuration match an earlier completed run reuses its training, export and
@@ -119,27 +123,78 @@ def run_pipeline(params: PipelineParams, call: StageCall = direct_call, publish:
     stage = _Stages(run, ledger, call, str(pick_device(params.training.device)), cache.lookup(key))
     try:
         trained = stage.reused_or_run("train", TrainOutput, train, recipe, params.training, run.stage_dir("train"))
-        exported = stage.reused_or_run("export", ExportOutput, export_stage, recipe, trained.output.weights, run.stage_dir("export"),
-                                       params.export, params.training.eval_samples)
-        precision = stage.reused_or_run("precision", PrecisionOutput, precision_stage, recipe, exported.output.onnx,
-                                        run.stage_dir("precision"), params.precision)
-        engine = stage("tensorrt", trt_engine.run_stage, recipe, exported.output.onnx, precision.output.variants,
-                       run.stage_dir("tensorrt"), params.tensorrt, params.precision, max(1, serving.max_batch_size))
-        deployed = stage("deploy", deploy, paths.resolve(params.repository), params.triton_model_name,
-                         _deployables(precision.output), precision.output.selected, serving,
-                         {"run_id": run.run_id, "run_dir": str(run.path), **recipe.describe()}, endpoint, not_loaded)
+        exported = stage.reused_or_run(
+            "export",
+            ExportOutput,
+            export_stage,
+            recipe,
+            trained.output.weights,
+            run.stage_dir("export"),
+            params.export,
+            params.training.eval_samples,
+        )
+        precision = stage.reused_or_run(
+            "precision",
+            PrecisionOutput,
+            precision_stage,
+            recipe,
+            exported.output.onnx,
+            run.stage_dir("precision"),
+            params.precision,
+        )
+        engine = stage(
+            "tensorrt",
+            trt_engine.run_stage,
+            recipe,
+            exported.output.onnx,
+            precision.output.variants,
+            run.stage_dir("tensorrt"),
+            params.tensorrt,
+            params.precision,
+            max(1, serving.max_batch_size),
+        )
+        deployed = stage(
+            "deploy",
+            deploy,
+            paths.resolve(params.repository),
+            params.triton_model_name,
+            _deployables(precision.output),
+            precision.output.selected,
+            serving,
+            {"run_id": run.run_id, "run_dir": str(run.path), **recipe.describe()},
+            endpoint,
+            not_loaded,
+        )
         served = stage("served_check", _served_check, recipe, precision.output, deployed.output, trained.output.weights)
-        benchmark = stage("benchmark", benchmark_stage, params.benchmark, deployed.output.model,
-                          endpoint if deployed.output.loaded else None, deployed.output.load_skipped, params.repository,
-                          run.stage_dir("benchmark"), log.info)
+        benchmark = stage(
+            "benchmark",
+            benchmark_stage,
+            params.benchmark,
+            deployed.output.model,
+            endpoint if deployed.output.loaded else None,
+            deployed.output.load_skipped,
+            params.repository,
+            run.stage_dir("benchmark"),
+            log.info,
+        )
     except BaseException as error:  # the manifest must say the run failed, whatever stopped it
         run.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise
     extra = accounting.enrich(ledger, recipe, params.training.batch_size, trained, precision, benchmark)
     ledger_files, ledger_markdown = accounting.write(ledger, extra, run.ledger_json, run.ledger_plot)
-    summary = RunSummary(run_id=run.run_id, run_dir=str(run.path), status="completed", train=trained, export=exported,
-                         precision=precision, tensorrt=engine, deploy=deployed, served_check=served, benchmark=benchmark,
-                         ledger=ledger_files)
+    summary = RunSummary(
+        run_id=run.run_id,
+        run_dir=str(run.path),
+        status="completed",
+        train=trained,
+        export=exported,
+        precision=precision,
+        tensorrt=engine,
+        deploy=deployed,
+        served_check=served,
+        benchmark=benchmark,
+        ledger=ledger_files,
+    )
     _finish(run, summary, key, ledger_markdown, publish)
     return summary
 
@@ -148,18 +203,26 @@ def _deployables(precision: PrecisionOutput) -> list[Deployable]:
     return [Deployable(v.name, v.path, v.runtime, v.runtime_precision or "") for v in precision.accepted]
 
 
-def _served_check(recipe: Recipe, precision: PrecisionOutput, deployed: DeployOutput, weights: str) -> StageResult[ServedCheckOutput]:
+def _served_check(
+    recipe: Recipe, precision: PrecisionOutput, deployed: DeployOutput, weights: str
+) -> StageResult[ServedCheckOutput]:
     """The served check with its in-process references: each deployed variant in its own runtime, and torch."""
     if not deployed.loaded:
         return StageResult.skipped("served_check", deployed.load_skipped or "model not loaded")
-    sessions = {v.name: open_session(v.path, v.runtime, v.runtime_precision) for v in precision.accepted if v.name in deployed.variants}
+    sessions = {
+        v.name: open_session(v.path, v.runtime, v.runtime_precision)
+        for v in precision.accepted
+        if v.name in deployed.variants
+    }
     batches = [batch.inputs for batch in recipe.eval_batches(8, max_samples=32)]
     predict = torch_predictor(load_trained(recipe, weights), recipe)
     torch_top1: list[np.ndarray] = [predict(inputs).argmax(-1) for inputs in batches]
     return check_served(deployed, sessions, batches, torch_top1)
 
 
-def _finish(run: RunDir, summary: RunSummary, key: str | None, ledger_markdown: str, publish: Callable[[str], None] | None) -> None:
+def _finish(
+    run: RunDir, summary: RunSummary, key: str | None, ledger_markdown: str, publish: Callable[[str], None] | None
+) -> None:
     run.update(status="completed", ledger=summary.ledger)
     cache.remember(key, run.path)
     markdown = render_report(summary) + "\n## Compute and energy ledger\n\n" + ledger_markdown

@@ -1,7 +1,8 @@
 """The Prefect flow `train-export-serve`: every stage of `run_pipeline` runs as a Prefect task.
 
     tes up
-    prefect deployment run 'train-export-serve/default' --watch --param recipe=digits-cnn --param training='{"steps": 100}'
+    prefect deployment run 'train-export-serve/default' --watch \
+        --param recipe=digits-cnn --param training='{"steps": 100}'
 
 The flow's parameters are the fields of `PipelineParams`, one by one, so each can be set with its own
 `--param`; a test keeps the two lists equal.
@@ -45,7 +46,9 @@ def _publish(markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=REPORT_ARTIFACT_KEY, description="train-export-serve run report")
 
 
-@flow(name="train-export-serve", description="Train a recipe, export it to ONNX, deploy it to Triton and check it served.")
+@flow(
+    name="train-export-serve", description="Train a recipe, export it to ONNX, deploy it to Triton and check it served."
+)
 def train_export_serve(
     recipe: Annotated[str, Field(pattern=RECIPE_PATTERN)] = "stdlib-gpt",
     model_name: Annotated[str | None, Field(pattern=MODEL_NAME_PATTERN)] = None,
@@ -62,11 +65,24 @@ def train_export_serve(
     runs_dir: str = "runs",
     repository: str = "model_repository",
 ) -> dict:
-    params: PipelineParams = parse_params(dict(
-        recipe=recipe, model_name=model_name, stdlib_gpt=stdlib_gpt, digits_cnn=digits_cnn, recipe_options=recipe_options,
-        training=training, export=export, precision=precision, tensorrt=tensorrt, serving=serving, benchmark=benchmark, prices=prices, runs_dir=runs_dir,
-        repository=repository,
-    ))
+    params: PipelineParams = parse_params(
+        dict(
+            recipe=recipe,
+            model_name=model_name,
+            stdlib_gpt=stdlib_gpt,
+            digits_cnn=digits_cnn,
+            recipe_options=recipe_options,
+            training=training,
+            export=export,
+            precision=precision,
+            tensorrt=tensorrt,
+            serving=serving,
+            benchmark=benchmark,
+            prices=prices,
+            runs_dir=runs_dir,
+            repository=repository,
+        )
+    )
     summary = run_pipeline(params, call=_as_task, publish=_publish)
     get_run_logger().info("run folder: %s", summary.run_dir)
     return summary.model_dump(mode="json")

@@ -16,14 +16,28 @@ def _metrics(metrics: dict[str, float]) -> str:
 
 
 def render_report(summary: RunSummary) -> str:
-    lines = [f"# train-export-serve run `{summary.run_id}`", "", f"Run folder: `{summary.run_dir}`", "",
-             "| stage | status | seconds | notes |", "| --- | --- | --- | --- |"]
-    lines += [f"| {stage.stage} | {stage.status.value} | {stage.seconds:.1f} | {_stage_note(stage)} |" for stage in summary.stages()]
+    lines = [
+        f"# train-export-serve run `{summary.run_id}`",
+        "",
+        f"Run folder: `{summary.run_dir}`",
+        "",
+        "| stage | status | seconds | notes |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {stage.stage} | {stage.status.value} | {stage.seconds:.1f} | {_stage_note(stage)} |"
+        for stage in summary.stages()
+    ]
     lines += _training_lines(summary)
     precision = summary.precision.output
     if precision:
-        lines += ["", f"## Precision variants (policy `{precision.policy}`; `{precision.selected}` serves the plain name)", "",
-                  render_table(list(precision.variants), precision.primary_metric), ""]
+        lines += [
+            "",
+            f"## Precision variants (policy `{precision.policy}`; `{precision.selected}` serves the plain name)",
+            "",
+            render_table(list(precision.variants), precision.primary_metric),
+            "",
+        ]
     lines += _served_lines(summary) + _benchmark_lines(summary)
     return "\n".join(lines) + "\n"
 
@@ -32,12 +46,18 @@ def _training_lines(summary: RunSummary) -> list[str]:
     lines = []
     train, export = summary.train.output, summary.export.output
     if train:
-        lines += ["", f"Trained {train.parameters:,} parameters for {train.steps} steps on {train.device}"
-                  f"{' (bf16 autocast)' if train.autocast_bf16 else ''}.", f"Validation (torch): {_metrics(train.validation)}."]
+        lines += [
+            "",
+            f"Trained {train.parameters:,} parameters for {train.steps} steps on {train.device}"
+            f"{' (bf16 autocast)' if train.autocast_bf16 else ''}.",
+            f"Validation (torch): {_metrics(train.validation)}.",
+        ]
     if export:
-        lines += [f"Validation (ONNX Runtime): {_metrics(export.validation_onnxruntime)}.",
-                  f"ONNX opset {export.opset}; verified on {export.verification.cases} input shapes, "
-                  f"max |onnx - torch| {max(export.verification.max_abs_diff.values()):.2e}."]
+        lines += [
+            f"Validation (ONNX Runtime): {_metrics(export.validation_onnxruntime)}.",
+            f"ONNX opset {export.opset}; verified on {export.verification.cases} input shapes, "
+            f"max |onnx - torch| {max(export.verification.max_abs_diff.values()):.2e}.",
+        ]
     return lines
 
 
@@ -45,14 +65,23 @@ def _served_lines(summary: RunSummary) -> list[str]:
     served = summary.served_check.output
     if not summary.served_check.ok or served is None:
         return []
-    lines = [f"Served alias over {protocol}: max |served - in-process| {check.max_abs_diff_vs_in_process:.2e}, "
-             f"top-1 agreement with torch FP32 {check.top1_agreement_with_torch:.3f}." for protocol, check in served.protocols.items()]
+    lines = [
+        f"Served alias over {protocol}: max |served - in-process| {check.max_abs_diff_vs_in_process:.2e}, "
+        f"top-1 agreement with torch FP32 {check.top1_agreement_with_torch:.3f}."
+        for protocol, check in served.protocols.items()
+    ]
     for variant, diffs in served.variants.items():
-        lines.append(f"Served `{variant}` model: max |served - in-process| " + ", ".join(f"{p} {d:.2e}" for p, d in diffs.items()) + ".")
+        lines.append(
+            f"Served `{variant}` model: max |served - in-process| "
+            + ", ".join(f"{p} {d:.2e}" for p, d in diffs.items())
+            + "."
+        )
     latency = served.latency
-    lines.append(f"Latency at concurrency 1 over {latency.protocol} ({latency.requests} requests, input "
-                 f"{latency.input_shapes}): served p50 {latency.served_p50_ms:.2f} ms vs the same model in-process "
-                 f"p50 {latency.in_process_p50_ms:.2f} ms (overhead {latency.serving_overhead_p50_ms:.2f} ms).")
+    lines.append(
+        f"Latency at concurrency 1 over {latency.protocol} ({latency.requests} requests, input "
+        f"{latency.input_shapes}): served p50 {latency.served_p50_ms:.2f} ms vs the same model in-process "
+        f"p50 {latency.in_process_p50_ms:.2f} ms (overhead {latency.serving_overhead_p50_ms:.2f} ms)."
+    )
     return lines
 
 
@@ -60,15 +89,24 @@ def _benchmark_lines(summary: RunSummary) -> list[str]:
     bench = summary.benchmark.output
     if not summary.benchmark.ok or bench is None:
         return []
-    lines = ["", f"## Serving benchmark (short; full report `{bench.outputs['markdown']}`)", "",
-             "| protocol | load | throughput | p50 | p99 | stable |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        f"## Serving benchmark (short; full report `{bench.outputs['markdown']}`)",
+        "",
+        "| protocol | load | throughput | p50 | p99 | stable |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for point in bench.points:
         load = f"c={point.load:.0f}" if point.mode == "concurrency" else f"{point.load:.0f}/s"
-        lines.append(f"| {point.protocol} | {load} | {point.throughput:.1f}/s | {point.latency_ms.get('p50', 0):.2f} ms | "
-                     f"{point.latency_ms.get('p99', 0):.2f} ms | {'yes' if point.stable else 'no'} |")
+        lines.append(
+            f"| {point.protocol} | {load} | {point.throughput:.1f}/s | {point.latency_ms.get('p50', 0):.2f} ms | "
+            f"{point.latency_ms.get('p99', 0):.2f} ms | {'yes' if point.stable else 'no'} |"
+        )
     for base in bench.baselines:
-        lines.append(f"\nIn-process {base.model} ({base.runtime}): p50 {base.latency_p50_ms:.2f} ms at batch 1, "
-                     f"{base.throughput_per_s:.0f} samples/s at batch {base.batch}.")
+        lines.append(
+            f"\nIn-process {base.model} ({base.runtime}): p50 {base.latency_p50_ms:.2f} ms at batch 1, "
+            f"{base.throughput_per_s:.0f} samples/s at batch {base.batch}."
+        )
     return lines
 
 

@@ -11,5 +11,8 @@ from flows.prefect_flow import benchmark_flow, train_export_serve
 from flows.stack import DEPLOYMENT_NAME
 
 if __name__ == "__main__":
-    serve(train_export_serve.to_deployment(name=DEPLOYMENT_NAME), benchmark_flow.to_deployment(name=DEPLOYMENT_NAME),
-          print_starting_message=False)
+    serve(
+        train_export_serve.to_deployment(name=DEPLOYMENT_NAME),
+        benchmark_flow.to_deployment(name=DEPLOYMENT_NAME),
+        print_starting_message=False,
+    )

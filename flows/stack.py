@@ -90,16 +90,27 @@ def _pick_port(preferred: int | None, fallback_preferred: int, host: str) -> int
 def _spawn(command: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen:
     log_path = paths.state_dir() / log_name
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **env}, cwd=paths.home(), start_new_session=True)
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            cwd=paths.home(),
+            start_new_session=True,
+        )
 
 
-def _wait_http(url: str, process: subprocess.Popen, what: str, log_name: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def _wait_http(
+    url: str, process: subprocess.Popen, what: str, log_name: str, timeout_s: float = STARTUP_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServerError(f"{what} exited with code {process.returncode} while starting; log:\n"
-                              f"{triton.log_tail(paths.state_dir() / log_name)}")
+            raise ServerError(
+                f"{what} exited with code {process.returncode} while starting; log:\n"
+                f"{triton.log_tail(paths.state_dir() / log_name)}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -110,8 +121,15 @@ def _wait_http(url: str, process: subprocess.Popen, what: str, log_name: str, ti
     raise ServerError(f"{what} did not answer {url} within {timeout_s:.0f} s; log: {paths.state_dir() / log_name}")
 
 
-def up(*, host: str = "127.0.0.1", prefect_port: int | None = None, http_port: int | None = None,
-       grpc_port: int | None = None, metrics_port: int | None = None, say: Callable[[str], None] = print) -> dict:
+def up(
+    *,
+    host: str = "127.0.0.1",
+    prefect_port: int | None = None,
+    http_port: int | None = None,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
     """Start whatever of the stack is not running yet; returns the stack state."""
     state = read()
     if state and all(triton.pid_alive(state[part]["pid"]) for part in ("prefect", "runner", "triton")):
@@ -145,13 +163,25 @@ def _start_all(host, prefect_port, http_port, grpc_port, metrics_port, say, star
     say("starting the Prefect runner that serves train-export-serve/default ...")
     runner = _spawn([sys.executable, "-m", "flows.runner"], "prefect-runner.log", env)
     started.append(runner.pid)
-    _wait_http(f"{api_url}/deployments/name/{FLOW_NAME}/{DEPLOYMENT_NAME}", runner, "the Prefect runner", "prefect-runner.log")
+    _wait_http(
+        f"{api_url}/deployments/name/{FLOW_NAME}/{DEPLOYMENT_NAME}", runner, "the Prefect runner", "prefect-runner.log"
+    )
 
-    ports = [_pick_port(given, preferred, host) for given, preferred in zip((http_port, grpc_port, metrics_port), TRITON_PREFERRED_PORTS)]
+    ports = [
+        _pick_port(given, preferred, host)
+        for given, preferred in zip((http_port, grpc_port, metrics_port), TRITON_PREFERRED_PORTS)
+    ]
     say(f"starting Triton on {host} (HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]}) ...")
     repo = paths.resolve("model_repository")
-    server_triton = triton.start(repo, paths.state_dir() / "triton", host=host, http_port=ports[0], grpc_port=ports[1],
-                                 metrics_port=ports[2], admin_key=secrets.token_urlsafe(24))
+    server_triton = triton.start(
+        repo,
+        paths.state_dir() / "triton",
+        host=host,
+        http_port=ports[0],
+        grpc_port=ports[1],
+        metrics_port=ports[2],
+        admin_key=secrets.token_urlsafe(24),
+    )
     started.append(server_triton.pid)
     loaded = _load_existing(server_triton.http_url, repo, server_triton.admin_key)
     if loaded:

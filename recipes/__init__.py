@@ -18,8 +18,16 @@ BUILTIN_RECIPES: dict[str, type[Recipe]] = {
 }
 
 __all__ = [
-    "BUILTIN_RECIPES", "Batch", "DigitsCnnOptions", "Recipe", "RecipeOptions", "StdlibGptOptions", "TensorSpec",
-    "build_recipe", "recipe_class", "validation_problems",
+    "BUILTIN_RECIPES",
+    "Batch",
+    "DigitsCnnOptions",
+    "Recipe",
+    "RecipeOptions",
+    "StdlibGptOptions",
+    "TensorSpec",
+    "build_recipe",
+    "recipe_class",
+    "validation_problems",
 ]
 
 
@@ -36,10 +44,14 @@ def recipe_class(reference: str) -> type[Recipe]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise RecipeError(f"recipe {reference!r}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?") from error
+        raise RecipeError(
+            f"recipe {reference!r}: cannot import module {module_name!r} ({error}); is it on PYTHONPATH?"
+        ) from error
     found = getattr(module, attribute, None)
     if not (isinstance(found, type) and issubclass(found, Recipe)):
-        raise RecipeError(f"recipe {reference!r}: {attribute!r} in {module_name!r} is not a Recipe subclass (got {found!r})")
+        raise RecipeError(
+            f"recipe {reference!r}: {attribute!r} in {module_name!r} is not a Recipe subclass (got {found!r})"
+        )
     return found
 
 

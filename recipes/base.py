@@ -72,7 +72,9 @@ class Recipe(ABC):
 
     # --- data ------------------------------------------------------------------------------------
     @abstractmethod
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         """Endless (inputs, targets) batches from the training split."""
 
     @abstractmethod

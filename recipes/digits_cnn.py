@@ -19,7 +19,9 @@ _SPLIT_SEED = 20240607  # fixed: the split must not move when the training seed 
 
 
 class DigitsCnnOptions(RecipeOptions):
-    channels: int = Field(16, ge=1, le=512, description="channels of the first conv layer (the second has twice as many)")
+    channels: int = Field(
+        16, ge=1, le=512, description="channels of the first conv layer (the second has twice as many)"
+    )
     hidden: int = Field(64, ge=1, le=4096, description="width of the hidden dense layer")
     validation_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="share of images held out for validation")
 
@@ -28,8 +30,10 @@ class DigitsCnn(torch.nn.Module):
     def __init__(self, channels: int, hidden: int):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.ReLU(),  # (B, C, 8, 8)
-            torch.nn.Conv2d(channels, 2 * channels, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(1, channels, 3, padding=1),
+            torch.nn.ReLU(),  # (B, C, 8, 8)
+            torch.nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            torch.nn.ReLU(),
             torch.nn.MaxPool2d(2),  # (B, 2C, 4, 4)
         )
         self.head = torch.nn.Sequential(
@@ -76,7 +80,9 @@ class DigitsCnnRecipe(Recipe):
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         images, labels = (torch.from_numpy(array) for array in self._splits["train"])
         while True:
             for index in torch.randperm(len(labels), generator=generator).split(batch_size):

@@ -41,7 +41,9 @@ def session_predictor(session, recipe: Recipe) -> Predictor:
     return lambda inputs: session.run(None, {name: inputs[name] for name in names})[0]
 
 
-def evaluate(recipe: Recipe, predict: Predictor, max_samples: int | None = None, batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    recipe: Recipe, predict: Predictor, max_samples: int | None = None, batch_size: int = 32
+) -> dict[str, float]:
     """The recipe's metric over its validation split for any predictor (torch, ONNX Runtime, Triton)."""
     outputs, targets = [], []
     for batch in recipe.eval_batches(batch_size, max_samples):

@@ -36,5 +36,7 @@ def sample_inputs(recipe: Recipe, index: int = 0, text: str | None = None) -> di
         raise RecipeError(f"sample number {index} is negative; held-out samples count from 0")
     batch = next(itertools.islice(recipe.eval_batches(1, max_samples=index + 1), index, None), None)
     if batch is None:
-        raise RecipeError(f"recipe '{recipe.name}' has fewer than {index + 1} held-out samples; pick a smaller sample number")
+        raise RecipeError(
+            f"recipe '{recipe.name}' has fewer than {index + 1} held-out samples; pick a smaller sample number"
+        )
     return batch.inputs

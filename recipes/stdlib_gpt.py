@@ -177,7 +177,9 @@ class StdlibGptRecipe(Recipe):
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
         data = torch.from_numpy(self._splits["train"].astype(np.int64))
         context = self.options.block_size
         while True:

@@ -38,8 +38,9 @@ class ServedCheckOutput(StageOutput):
     latency: LatencyProbe
 
 
-def check_served(deployed: DeployOutput, sessions: dict, batches: list[dict[str, np.ndarray]],
-                 torch_top1: list[np.ndarray]) -> StageResult[ServedCheckOutput]:
+def check_served(
+    deployed: DeployOutput, sessions: dict, batches: list[dict[str, np.ndarray]], torch_top1: list[np.ndarray]
+) -> StageResult[ServedCheckOutput]:
     """The alias over every protocol against the selected variant in-process (`sessions[name]`, one per deployed
     variant) and its top-1 against torch's (`torch_top1`, per batch); every variant model against its own file;
     and a latency probe of the alias."""
@@ -50,15 +51,20 @@ def check_served(deployed: DeployOutput, sessions: dict, batches: list[dict[str,
         protocols = {}
         for protocol, report in compare_served(urls, deployed.model, batches, sessions[deployed.selected]).items():
             served_top1 = np.concatenate(report["outputs"]).argmax(-1)
-            protocols[protocol] = ServedComparison(batches=report["batches"], max_abs_diff_vs_in_process=report["max_abs_diff_vs_in_process"],
-                                                   top1_agreement_with_torch=float((served_top1 == np.concatenate(torch_top1)).mean()))
+            protocols[protocol] = ServedComparison(
+                batches=report["batches"],
+                max_abs_diff_vs_in_process=report["max_abs_diff_vs_in_process"],
+                top1_agreement_with_torch=float((served_top1 == np.concatenate(torch_top1)).mean()),
+            )
         variants = {}
         for variant, entry in deployed.variants.items():
             served = compare_served(urls, entry.model, batches[:1], sessions[variant])
             variants[variant] = {p: served[p]["max_abs_diff_vs_in_process"] for p in served}
         single = {name: array[:1] for name, array in batches[0].items()}
         probe_protocol = "grpc" if "grpc" in urls else "http"
-        latency = latency_probe(urls[probe_protocol], probe_protocol, deployed.model, single, sessions[deployed.selected])
+        latency = latency_probe(
+            urls[probe_protocol], probe_protocol, deployed.model, single, sessions[deployed.selected]
+        )
     output = ServedCheckOutput(protocols=protocols, variants=variants, latency=latency)
     return StageResult(stage="served_check", status=Status.OK, seconds=clock["seconds"], output=output)
 
@@ -99,13 +105,24 @@ def interleaved_p50(serve, local, requests: int) -> tuple[float, float]:
     return statistics.median(served_ms), statistics.median(local_ms)
 
 
-def latency_probe(url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], session, requests: int = 100) -> LatencyProbe:
+def latency_probe(
+    url: str, protocol: str, model: str, inputs: dict[str, np.ndarray], session, requests: int = 100
+) -> LatencyProbe:
     """p50 of one-at-a-time requests to the server vs the same model in-process on the same input, side by side."""
     client = connect(url, protocol)  # type: ignore[arg-type]
     try:
-        served_p50, local_p50 = interleaved_p50(lambda: infer(url, model, inputs, protocol, client=client),  # type: ignore[arg-type]
-                                                lambda: session.run(None, inputs), requests)
+        served_p50, local_p50 = interleaved_p50(
+            lambda: infer(url, model, inputs, protocol, client=client),  # type: ignore[arg-type]
+            lambda: session.run(None, inputs),
+            requests,
+        )
     finally:
         client.close()
-    return LatencyProbe(protocol=protocol, requests=requests, input_shapes={k: list(v.shape) for k, v in inputs.items()},
-                        served_p50_ms=served_p50, in_process_p50_ms=local_p50, serving_overhead_p50_ms=served_p50 - local_p50)
+    return LatencyProbe(
+        protocol=protocol,
+        requests=requests,
+        input_shapes={k: list(v.shape) for k, v in inputs.items()},
+        served_p50_ms=served_p50,
+        in_process_p50_ms=local_p50,
+        serving_overhead_p50_ms=served_p50 - local_p50,
+    )

@@ -25,7 +25,12 @@ def connect(url: str, protocol: Protocol = "http", timeout_s: float = 60.0):
 
 
 def infer(
-    url: str, model: str, inputs: dict[str, np.ndarray], protocol: Protocol = "http", version: str = "", client=None,
+    url: str,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    protocol: Protocol = "http",
+    version: str = "",
+    client=None,
     timeout_s: float | None = None,
 ) -> dict[str, np.ndarray]:
     """One request; returns every output by name. Raises `InferenceError` with the server's message, or when
@@ -46,8 +51,10 @@ def infer(
     except InferenceServerException as error:
         raise InferenceError(f"model '{model}' at {url} over {protocol}: {error.message()}") from error
     except (TimeoutError, OSError) as error:  # HTTP: socket timeouts and refused or reset connections
-        raise InferenceError(f"model '{model}' at {url} over {protocol}: no answer ({type(error).__name__}: {error}); "
-                             "is the server up, and is the timeout long enough?") from error
+        raise InferenceError(
+            f"model '{model}' at {url} over {protocol}: no answer ({type(error).__name__}: {error}); "
+            "is the server up, and is the timeout long enough?"
+        ) from error
     finally:
         if owned:
             client.close()
@@ -92,8 +99,16 @@ def model_states(url: str, admin_key: str | None = None) -> list[dict]:
 
 
 def complete_bytes(
-    url: str, model: str, prompt: bytes, context: int, protocol: Protocol = "http", max_bytes: int = 80,
-    temperature: float = 0.7, seed: int = 0, input_name: str = "tokens", output_name: str = "logits",
+    url: str,
+    model: str,
+    prompt: bytes,
+    context: int,
+    protocol: Protocol = "http",
+    max_bytes: int = 80,
+    temperature: float = 0.7,
+    seed: int = 0,
+    input_name: str = "tokens",
+    output_name: str = "logits",
 ) -> Iterator[int]:
     """Continue `prompt` with a served next-byte model, one request per byte, yielding each byte as it comes.
 
@@ -101,7 +116,9 @@ def complete_bytes(
     logits pick the next byte: the most likely one when `temperature` <= 0, else one drawn from
     softmax(logits / temperature) with a generator seeded by `seed`."""
     if not prompt:
-        raise InferenceError(f"model '{model}': the prompt is empty; a next-byte model needs at least one byte of context")
+        raise InferenceError(
+            f"model '{model}': the prompt is empty; a next-byte model needs at least one byte of context"
+        )
     rng, text = np.random.default_rng(seed), bytearray(prompt)
     client = connect(url, protocol)
     try:

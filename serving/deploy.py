@@ -46,22 +46,46 @@ class DeployOutput(StageOutput):
     triton_grpc: str | None = None
 
 
-def deploy(repository_path: str | Path, model: str, deployables: list[Deployable], selected: str, serving: ServingConfig,
-           provenance: dict, endpoint: Endpoint | None, load_skipped: str = "") -> StageResult[DeployOutput]:
+def deploy(
+    repository_path: str | Path,
+    model: str,
+    deployables: list[Deployable],
+    selected: str,
+    serving: ServingConfig,
+    provenance: dict,
+    endpoint: Endpoint | None,
+    load_skipped: str = "",
+) -> StageResult[DeployOutput]:
     """Write every deployable and the alias into the repository; load them into `endpoint` when there is one
     (else `load_skipped` says why not)."""
     with timed() as clock:
         deployed = {}
         for item in deployables:
             config = dataclasses.replace(serving, runtime=item.runtime, runtime_precision=item.runtime_precision)
-            version = repository.write_version(repository_path, f"{model}-{item.name}", item.onnx_path, config,
-                                               provenance={**provenance, "variant": item.name})
+            version = repository.write_version(
+                repository_path,
+                f"{model}-{item.name}",
+                item.onnx_path,
+                config,
+                provenance={**provenance, "variant": item.name},
+            )
             repository.verify_version(version.path)
-            deployed[item.name] = DeployedVersion(model=version.model_name, version=version.version, path=str(version.path),
-                                                  reused=version.reused)
-        alias = repository.write_alias(repository_path, model, deployed[selected].model, provenance={**provenance, "variant": selected})
-        output = DeployOutput(model=model, version=alias.version, path=str(alias.path), selected=selected, variants=deployed,
-                              reused=alias.reused, loaded=False, load_skipped=load_skipped)
+            deployed[item.name] = DeployedVersion(
+                model=version.model_name, version=version.version, path=str(version.path), reused=version.reused
+            )
+        alias = repository.write_alias(
+            repository_path, model, deployed[selected].model, provenance={**provenance, "variant": selected}
+        )
+        output = DeployOutput(
+            model=model,
+            version=alias.version,
+            path=str(alias.path),
+            selected=selected,
+            variants=deployed,
+            reused=alias.reused,
+            loaded=False,
+            load_skipped=load_skipped,
+        )
         if endpoint is not None:
             output = _load(output, endpoint)
     return StageResult(stage="deploy", status=Status.OK, seconds=clock["seconds"], output=output)
@@ -69,8 +93,20 @@ def deploy(repository_path: str | Path, model: str, deployables: list[Deployable
 
 def _load(output: DeployOutput, endpoint: Endpoint) -> DeployOutput:
     """Load every variant, then the alias (which needs its target loaded)."""
-    variants = {name: entry.model_copy(update={"ready_version": client.load_model(endpoint.http, entry.model, admin_key=endpoint.admin_key)})
-                for name, entry in output.variants.items()}
+    variants = {
+        name: entry.model_copy(
+            update={"ready_version": client.load_model(endpoint.http, entry.model, admin_key=endpoint.admin_key)}
+        )
+        for name, entry in output.variants.items()
+    }
     ready = client.load_model(endpoint.http, output.model, admin_key=endpoint.admin_key)
-    return output.model_copy(update={"variants": variants, "ready_version": ready, "loaded": True, "load_skipped": "",
-                                     "triton_http": endpoint.http, "triton_grpc": endpoint.grpc})
+    return output.model_copy(
+        update={
+            "variants": variants,
+            "ready_version": ready,
+            "loaded": True,
+            "load_skipped": "",
+            "triton_http": endpoint.http,
+            "triton_grpc": endpoint.grpc,
+        }
+    )

@@ -28,8 +28,16 @@ from serving.repository import ServingConfig, VersionResult, io_from_onnx, publi
 
 _CAPABILITY = re.compile(r"^\d+\.\d+$")
 _NUMPY_TO_TRITON = {
-    "float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "float64": mc.TYPE_FP64, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32,
-    "int16": mc.TYPE_INT16, "int8": mc.TYPE_INT8, "uint8": mc.TYPE_UINT8, "bool": mc.TYPE_BOOL, "bfloat16": mc.TYPE_BF16,
+    "float32": mc.TYPE_FP32,
+    "float16": mc.TYPE_FP16,
+    "float64": mc.TYPE_FP64,
+    "int64": mc.TYPE_INT64,
+    "int32": mc.TYPE_INT32,
+    "int16": mc.TYPE_INT16,
+    "int8": mc.TYPE_INT8,
+    "uint8": mc.TYPE_UINT8,
+    "bool": mc.TYPE_BOOL,
+    "bfloat16": mc.TYPE_BF16,
 }
 ENGINE_MANIFEST, VERIFICATION = "engine.json", "verification.json"  # beside each engine (export/trt_engine.py)
 
@@ -61,13 +69,18 @@ def engine_problems(manifest: dict, compute_capability: str, tensorrt_version: s
     problems = []
     built_cc, ampere_plus = manifest["compute_capability"], manifest.get("hardware_compatibility") == "ampere_plus"
     if built_cc != compute_capability and not (ampere_plus and _version(compute_capability) >= _version("8.0")):
-        problems.append(f"built for compute capability {built_cc}, the target GPU has {compute_capability}"
-                        + (" (Ampere+ engines need 8.0 or later)" if ampere_plus else ""))
+        problems.append(
+            f"built for compute capability {built_cc}, the target GPU has {compute_capability}"
+            + (" (Ampere+ engines need 8.0 or later)" if ampere_plus else "")
+        )
     built, target = _version(manifest["tensorrt"]), _version(tensorrt_version)
     forward = manifest.get("version_compatible") and built[0] == target[0] and target >= built
     if built != target and not forward:
-        rule = ("version-compatible engines run on the same or a later version of the same major"
-                if manifest.get("version_compatible") else "the versions must match exactly")
+        rule = (
+            "version-compatible engines run on the same or a later version of the same major"
+            if manifest.get("version_compatible")
+            else "the versions must match exactly"
+        )
         problems.append(f"built with TensorRT {manifest['tensorrt']}, the target runs {tensorrt_version} ({rule})")
     return problems
 
@@ -77,8 +90,11 @@ def check_engine(manifest: dict, compute_capability: str, tensorrt_version: str)
     if problems:
         raise EngineMismatch(
             f"engine {manifest.get('engine', '?')} ({manifest.get('precision', '?')}) cannot run on the target: "
-            + "; ".join(problems) + ". Rebuild it on a GPU of the target with its TensorRT (reproduce.sh beside the engine "
-            "has the trtexec command), or build with tensorrt.hardware_compatibility=ampere_plus / tensorrt.version_compatible=true.")
+            + "; ".join(problems)
+            + ". Rebuild it on a GPU of the target with its TensorRT (reproduce.sh beside the engine "
+            "has the trtexec command), or build with tensorrt.hardware_compatibility=ampere_plus / "
+            "tensorrt.version_compatible=true."
+        )
 
 
 # --- configs --------------------------------------------------------------------------------------------------------
@@ -111,12 +127,18 @@ def io_from_manifest(manifest: dict, batched: bool) -> tuple[list[mc.ModelInput]
     for tensor in manifest["tensors"]:
         dims = list(tensor["shape"])
         if batched and (not dims or dims[0] != -1):
-            raise RepositoryError(f"engine tensor '{tensor['name']}' has shape {dims}: expected a dynamic batch axis "
-                                  "first for max_batch_size > 0; rebuild with a batch profile or set max_batch_size=0")
+            raise RepositoryError(
+                f"engine tensor '{tensor['name']}' has shape {dims}: expected a dynamic batch axis "
+                "first for max_batch_size > 0; rebuild with a batch profile or set max_batch_size=0"
+            )
         if tensor["dtype"] not in _NUMPY_TO_TRITON:
-            raise RepositoryError(f"engine tensor '{tensor['name']}' has dtype {tensor['dtype']}, which Triton has no type for")
+            raise RepositoryError(
+                f"engine tensor '{tensor['name']}' has dtype {tensor['dtype']}, which Triton has no type for"
+            )
         kind = mc.ModelInput if tensor["mode"] == "input" else mc.ModelOutput
-        made = kind(name=tensor["name"], data_type=_NUMPY_TO_TRITON[tensor["dtype"]], dims=dims[1:] if batched else dims)
+        made = kind(
+            name=tensor["name"], data_type=_NUMPY_TO_TRITON[tensor["dtype"]], dims=dims[1:] if batched else dims
+        )
         (inputs if tensor["mode"] == "input" else outputs).append(made)
     return inputs, outputs
 
@@ -143,8 +165,10 @@ def _tensor_problems(config: mc.ModelConfig, inputs: list, outputs: list, source
             if twin is None:
                 problems.append(f"{kind} '{tensor.name}' is not in {source} (its {kind}s: {[t.name for t in actual]})")
             elif (twin.data_type, list(twin.dims)) != (tensor.data_type, list(tensor.dims)):
-                problems.append(f"{kind} '{tensor.name}': config says {mc.DataType.Name(tensor.data_type)} {list(tensor.dims)}, "
-                                f"{source} has {mc.DataType.Name(twin.data_type)} {list(twin.dims)}")
+                problems.append(
+                    f"{kind} '{tensor.name}': config says {mc.DataType.Name(tensor.data_type)} {list(tensor.dims)}, "
+                    f"{source} has {mc.DataType.Name(twin.data_type)} {list(twin.dims)}"
+                )
         problems += [f"{kind} '{name}' of {source} is missing from the config" for name in found]
     return problems
 
@@ -182,8 +206,10 @@ def _plan_problems(config: mc.ModelConfig, version_dir: Path) -> list[str]:
         if not (version_dir / file_name).is_file():
             continue  # reported by _file_problems
         if not manifest_path.is_file():
-            problems.append(f"engine {file_name} has no manifest ({manifest_path.name}) beside it: its GPU and TensorRT "
-                            "version are unknown, so it cannot be checked against the target")
+            problems.append(
+                f"engine {file_name} has no manifest ({manifest_path.name}) beside it: its GPU and TensorRT "
+                "version are unknown, so it cannot be checked against the target"
+            )
             continue
         manifest = json.loads(manifest_path.read_text())
         try:
@@ -194,8 +220,10 @@ def _plan_problems(config: mc.ModelConfig, version_dir: Path) -> list[str]:
         problems += _tensor_problems(config, inputs, outputs, f"engine {file_name}")
         for name, dims in manifest["profiles"].items():
             if config.max_batch_size > 0 and not dims["min"][0] <= 1 <= config.max_batch_size <= dims["max"][0]:
-                problems.append(f"engine {file_name}: input '{name}' takes batch {dims['min'][0]}..{dims['max'][0]}, "
-                                f"the config sends 1..{config.max_batch_size}; lower max_batch_size or rebuild")
+                problems.append(
+                    f"engine {file_name}: input '{name}' takes batch {dims['min'][0]}..{dims['max'][0]}, "
+                    f"the config sends 1..{config.max_batch_size}; lower max_batch_size or rebuild"
+                )
     return problems
 
 
@@ -223,9 +251,12 @@ def validate(config: mc.ModelConfig, version_dir: Path) -> None:
         raise RepositoryError(f"native model '{config.name}' would not load:\n  - " + "\n  - ".join(problems))
 
 
-def write_native_version(repository: Path, config: mc.ModelConfig, files: dict[str, Path], provenance: dict | None = None) -> VersionResult:
+def write_native_version(
+    repository: Path, config: mc.ModelConfig, files: dict[str, Path], provenance: dict | None = None
+) -> VersionResult:
     """Copy `files` (name in the version -> source) into the next version of `config.name`, validated before the
     staging folder is renamed into place (`serving.repository.publish_version`)."""
+
     def populate(staging: Path) -> None:
         for name, source in files.items():
             shutil.copyfile(source, staging / name)
@@ -252,15 +283,22 @@ def _usable_engines(folders: list[Path], onnx_hashes: set[str]) -> tuple[dict[st
         manifest = json.loads((folder / ENGINE_MANIFEST).read_text())
         verdict = json.loads((folder / VERIFICATION).read_text()) if (folder / VERIFICATION).is_file() else None
         if verdict is None or verdict.get("status") != "accepted":
-            left_out.append(f"{folder}: " + (f"rejected by verification: {verdict.get('reason')}" if verdict else "never verified against FP32"))
+            left_out.append(
+                f"{folder}: "
+                + (f"rejected by verification: {verdict.get('reason')}" if verdict else "never verified against FP32")
+            )
         elif manifest["onnx_sha256"] not in onnx_hashes:
-            left_out.append(f"{folder}: built from an ONNX file that is not this run's (sha256 {manifest['onnx_sha256'][:12]}...)")
+            left_out.append(
+                f"{folder}: built from an ONNX file that is not this run's (sha256 {manifest['onnx_sha256'][:12]}...)"
+            )
         else:
             groups.setdefault(manifest["precision"], []).append((folder, manifest))
     return groups, left_out
 
 
-def _engines_for_target(engines: list[tuple[Path, dict]], target: EngineTarget, precision: str, rebuild: Rebuild | None) -> dict[str, tuple[Path, dict]]:
+def _engines_for_target(
+    engines: list[tuple[Path, dict]], target: EngineTarget, precision: str, rebuild: Rebuild | None
+) -> dict[str, tuple[Path, dict]]:
     """For every target compute capability, an engine that runs there (rebuilt if allowed), else EngineMismatch."""
     chosen, problems = {}, []
     for capability in target.compute_capabilities:
@@ -271,33 +309,49 @@ def _engines_for_target(engines: list[tuple[Path, dict]], target: EngineTarget, 
             if engine_problems(found[1], capability, target.tensorrt_version):
                 found = None
         if found is None:
-            problems += [f"{capability}: {f / m['engine']}: " + "; ".join(engine_problems(m, capability, target.tensorrt_version)) for f, m in engines]
+            problems += [
+                f"{capability}: {f / m['engine']}: "
+                + "; ".join(engine_problems(m, capability, target.tensorrt_version))
+                for f, m in engines
+            ]
         else:
             chosen[capability] = found
     if problems:
-        raise EngineMismatch(f"no {precision} engine runs on every target GPU (TensorRT {target.tensorrt_version}):\n  - "
-                             + "\n  - ".join(problems) + "\nRebuild on a GPU of each missing compute capability with the target's "
-                             "TensorRT (reproduce.sh beside each engine), or build with hardware/version compatibility.")
+        raise EngineMismatch(
+            f"no {precision} engine runs on every target GPU (TensorRT {target.tensorrt_version}):\n  - "
+            + "\n  - ".join(problems)
+            + "\nRebuild on a GPU of each missing compute capability with the target's "
+            "TensorRT (reproduce.sh beside each engine), or build with hardware/version compatibility."
+        )
     return chosen
 
 
-def _engine_version(out: Path, name: str, chosen: dict[str, tuple[Path, dict]], serving: ServingConfig, run: str) -> VersionResult:
+def _engine_version(
+    out: Path, name: str, chosen: dict[str, tuple[Path, dict]], serving: ServingConfig, run: str
+) -> VersionResult:
     files, engines = {}, {}
     for capability, (folder, manifest) in chosen.items():
-        stem = f"model-sm{manifest['compute_capability'].replace('.', '')}" + ("-ampere-plus" if manifest.get("hardware_compatibility") == "ampere_plus" else "")
+        stem = f"model-sm{manifest['compute_capability'].replace('.', '')}" + (
+            "-ampere-plus" if manifest.get("hardware_compatibility") == "ampere_plus" else ""
+        )
         files[f"{stem}.plan"], files[f"{stem}.json"] = folder / manifest["engine"], folder / ENGINE_MANIFEST
         engines[capability] = f"{stem}.plan"
     config = plan_config(name, next(iter(chosen.values()))[1], engines, serving)
-    return write_native_version(out, config, files, {"run": run, "engines": {cc: str(f) for cc, (f, _) in chosen.items()}})
+    return write_native_version(
+        out, config, files, {"run": run, "engines": {cc: str(f) for cc, (f, _) in chosen.items()}}
+    )
 
 
-def _engine_plan(run: RunDir, variants: list[dict], folders: list[Path], target: EngineTarget | None,
-                 rebuild: Rebuild | None) -> tuple[dict[str, dict[str, tuple[Path, dict]]], list[str]]:
+def _engine_plan(
+    run: RunDir, variants: list[dict], folders: list[Path], target: EngineTarget | None, rebuild: Rebuild | None
+) -> tuple[dict[str, dict[str, tuple[Path, dict]]], list[str]]:
     """Per precision, the engine for every target compute capability; decided before anything is written."""
     if target is None:
-        raise RepositoryError(f"run {run.run_id} has TensorRT engines: say which Triton will run them (its TensorRT "
-                              "version and GPUs' compute capabilities: --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0), "
-                              "or leave them out (--no-engines)")
+        raise RepositoryError(
+            f"run {run.run_id} has TensorRT engines: say which Triton will run them (its TensorRT "
+            "version and GPUs' compute capabilities: --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0), "
+            "or leave them out (--no-engines)"
+        )
     hashes = _run_onnx_hashes(run, variants)
     groups, left_out = _usable_engines(folders, hashes)
 
@@ -305,17 +359,29 @@ def _engine_plan(run: RunDir, variants: list[dict], folders: list[Path], target:
         folder = rebuild(precision, capability)
         refused = _usable_engines([folder], hashes)[1]
         if refused:
-            raise EngineMismatch(f"the {precision} engine rebuilt for compute capability {capability} is not usable: {refused[0]}")
+            raise EngineMismatch(
+                f"the {precision} engine rebuilt for compute capability {capability} is not usable: {refused[0]}"
+            )
         return folder
 
-    plan = {precision: _engines_for_target(engines, target, precision, checked_rebuild if rebuild else None)
-            for precision, engines in sorted(groups.items())}
+    plan = {
+        precision: _engines_for_target(engines, target, precision, checked_rebuild if rebuild else None)
+        for precision, engines in sorted(groups.items())
+    }
     return plan, left_out
 
 
-def export_repository(run_dir: Path, out: Path, model: str, serving: ServingConfig, gpu: bool = True,
-                      target: EngineTarget | None = None, include_engines: bool = True, rebuild: Rebuild | None = None,
-                      engine_dirs: list[Path] | None = None) -> NativeExport:
+def export_repository(
+    run_dir: Path,
+    out: Path,
+    model: str,
+    serving: ServingConfig,
+    gpu: bool = True,
+    target: EngineTarget | None = None,
+    include_engines: bool = True,
+    rebuild: Rebuild | None = None,
+    engine_dirs: list[Path] | None = None,
+) -> NativeExport:
     """A native repository for another Triton from a finished run: an `onnxruntime_onnx` model per accepted ONNX
     Runtime variant, and a `tensorrt_plan` model per engine precision (`<model>-tensorrt-<precision>`) whose engines
     cover every target compute capability. `engine_dirs` adds engine folders built elsewhere for this run. Engines
@@ -326,17 +392,25 @@ def export_repository(run_dir: Path, out: Path, model: str, serving: ServingConf
     plan, left_out = _engine_plan(run, variants, folders, target, rebuild) if folders and include_engines else ({}, [])
     result = NativeExport(versions=[], left_out=left_out)
     for variant in (v for v in variants if v["status"] == "accepted"):
-        if variant["runtime"] != "onnxruntime":  # Triton's OpenVINO backend is not checked here; the Python flavour serves it
-            result.left_out.append(f"{variant['name']}: runs in {variant['runtime']}, which this flavour does not write "
-                                   "(onnxruntime_onnx and tensorrt_plan only); the Python-backend repository of `tes run` serves it")
+        if (
+            variant["runtime"] != "onnxruntime"
+        ):  # Triton's OpenVINO backend is not checked here; the Python flavour serves it
+            result.left_out.append(
+                f"{variant['name']}: runs in {variant['runtime']}, which this flavour does not write "
+                "(onnxruntime_onnx and tensorrt_plan only); the Python-backend repository of `tes run` serves it"
+            )
             continue
         config = onnx_config(f"{model}-{variant['name']}", Path(variant["path"]), serving, gpu)
-        result.versions.append(write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run.run_id}))
+        result.versions.append(
+            write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run.run_id})
+        )
     for precision, chosen in plan.items():
         result.versions.append(_engine_version(out, f"{model}-tensorrt-{precision}", chosen, serving, run.run_id))
         if any(manifest.get("version_compatible") for _, manifest in chosen.values()):
             result.server_args = ["--backend-config=tensorrt,version-compatible=true"]
     if not result.versions:
-        raise RepositoryError(f"run {run.path} has no accepted ONNX Runtime variant and no usable engine to export"
-                              + "".join(f"\n  - {line}" for line in result.left_out))
+        raise RepositoryError(
+            f"run {run.path} has no accepted ONNX Runtime variant and no usable engine to export"
+            + "".join(f"\n  - {line}" for line in result.left_out)
+        )
     return result

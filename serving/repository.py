@@ -28,9 +28,15 @@ VERSION_MANIFEST = "manifest.json"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 _ONNX_TO_TRITON = {
-    onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.FLOAT16: mc.TYPE_FP16, onnx.TensorProto.DOUBLE: mc.TYPE_FP64,
-    onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.INT32: mc.TYPE_INT32, onnx.TensorProto.INT16: mc.TYPE_INT16,
-    onnx.TensorProto.INT8: mc.TYPE_INT8, onnx.TensorProto.UINT8: mc.TYPE_UINT8, onnx.TensorProto.BOOL: mc.TYPE_BOOL,
+    onnx.TensorProto.FLOAT: mc.TYPE_FP32,
+    onnx.TensorProto.FLOAT16: mc.TYPE_FP16,
+    onnx.TensorProto.DOUBLE: mc.TYPE_FP64,
+    onnx.TensorProto.INT64: mc.TYPE_INT64,
+    onnx.TensorProto.INT32: mc.TYPE_INT32,
+    onnx.TensorProto.INT16: mc.TYPE_INT16,
+    onnx.TensorProto.INT8: mc.TYPE_INT8,
+    onnx.TensorProto.UINT8: mc.TYPE_UINT8,
+    onnx.TensorProto.BOOL: mc.TYPE_BOOL,
 }
 
 
@@ -103,7 +109,9 @@ def io_from_onnx(onnx_path: Path, batched: bool) -> tuple[list[mc.ModelInput], l
     def dims_and_type(value: onnx.ValueInfoProto) -> tuple[int, list[int]]:
         tensor = value.type.tensor_type
         if tensor.elem_type not in _ONNX_TO_TRITON:
-            raise RepositoryError(f"tensor '{value.name}' in {onnx_path}: ONNX type {tensor.elem_type} has no Triton type")
+            raise RepositoryError(
+                f"tensor '{value.name}' in {onnx_path}: ONNX type {tensor.elem_type} has no Triton type"
+            )
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
         if batched:
             if not dims or dims[0] not in (-1,):
@@ -174,8 +182,12 @@ def write_version(
 
 
 def publish_version(
-    repository: str | Path, name: str, config: mc.ModelConfig, populate: Callable[[Path], None],
-    provenance: dict | None = None, files: dict[str, str] | None = None,
+    repository: str | Path,
+    name: str,
+    config: mc.ModelConfig,
+    populate: Callable[[Path], None],
+    provenance: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> VersionResult:
     """Assemble a version in a staging folder (`populate` fills it), checksum it, write the model's config, and
     rename the folder to the next version number. Leftover staging folders of killed writes are removed first.
@@ -239,17 +251,21 @@ def write_alias(repository: str | Path, alias: str, target: str, provenance: dic
 
 def serving_config_of(config: mc.ModelConfig) -> ServingConfig:
     """The `ServingConfig` a python-flavour `config.pbtxt` was built from (to rewrite it with changes)."""
+
     def parameter(key: str, default: str) -> str:
         return config.parameters[key].string_value if key in config.parameters else default
 
     group = config.instance_group[0] if config.instance_group else None
     return ServingConfig(
-        max_batch_size=config.max_batch_size, dynamic_batching=config.HasField("dynamic_batching"),
+        max_batch_size=config.max_batch_size,
+        dynamic_batching=config.HasField("dynamic_batching"),
         max_queue_delay_microseconds=config.dynamic_batching.max_queue_delay_microseconds,
         max_queue_size=config.dynamic_batching.default_queue_policy.max_queue_size,
-        instance_count=group.count if group else 1, intra_op_threads=int(parameter("intra_op_threads", "0")),
+        instance_count=group.count if group else 1,
+        intra_op_threads=int(parameter("intra_op_threads", "0")),
         value_ranges={k: tuple(v) for k, v in json.loads(parameter("value_ranges", "{}")).items()},
-        max_dims=json.loads(parameter("max_dims", "{}")), runtime=parameter("runtime", "onnxruntime"),
+        max_dims=json.loads(parameter("max_dims", "{}")),
+        runtime=parameter("runtime", "onnxruntime"),
         runtime_precision=parameter("runtime_precision", ""),
     )
 
@@ -272,13 +288,17 @@ def newest_provenance(repository: str | Path, model: str) -> tuple[dict, Path]:
     if target:
         folder = model_dir(repository, target)
         if not versions(folder):
-            raise RepositoryError(f"model '{model}' forwards to '{target}', which has no version in {repository}; "
-                                  "deploy it again (tes run / tes demo)")
+            raise RepositoryError(
+                f"model '{model}' forwards to '{target}', which has no version in {repository}; "
+                "deploy it again (tes run / tes demo)"
+            )
     version_dir = folder / str(versions(folder)[-1])
     manifest_path = version_dir / VERSION_MANIFEST
     if not manifest_path.is_file():
-        raise RepositoryError(f"{version_dir} has no {VERSION_MANIFEST}, so what it was made from is unknown; "
-                              "it was not written by the repository writer")
+        raise RepositoryError(
+            f"{version_dir} has no {VERSION_MANIFEST}, so what it was made from is unknown; "
+            "it was not written by the repository writer"
+        )
     return json.loads(manifest_path.read_text(encoding="utf-8")).get("provenance", {}), version_dir
 
 
@@ -313,7 +333,8 @@ def verify_version(version_path: str | Path) -> dict[str, str]:
             problems.append(f"{path}: sha256 {got[:16]}..., expected {expected[:16]}...")
     if problems:
         raise ChecksumError(
-            "artifacts changed since they were written:\n  - " + "\n  - ".join(problems)
+            "artifacts changed since they were written:\n  - "
+            + "\n  - ".join(problems)
             + "\nRe-run the pipeline to write a fresh version; do not edit files inside a version folder."
         )
     return recorded

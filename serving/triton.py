@@ -153,10 +153,16 @@ def start(
     work_dir.mkdir(parents=True, exist_ok=True)
     repository = Path(repository).resolve()
     repository.mkdir(parents=True, exist_ok=True)
-    ports = {"http": http_port or free_port(host), "grpc": grpc_port or free_port(host), "metrics": metrics_port or free_port(host)}
+    ports = {
+        "http": http_port or free_port(host),
+        "grpc": grpc_port or free_port(host),
+        "metrics": metrics_port or free_port(host),
+    }
     busy = [f"{kind} port {port}" for kind, port in ports.items() if not port_is_free(port, host)]
     if busy:
-        raise ServerError(f"cannot start Triton: {', '.join(busy)} already in use on {host}; pick other ports or stop what holds them")
+        raise ServerError(
+            f"cannot start Triton: {', '.join(busy)} already in use on {host}; pick other ports or stop what holds them"
+        )
     log_path = work_dir / f"tritonserver-{ports['http']}.log"
     command = [
         str(dist / "bin" / "tritonserver"),
@@ -167,27 +173,42 @@ def start(
         "--exit-timeout-secs=5",
         f"--backend-directory={prepare_backends(work_dir / 'backends')}",
         f"--backend-config=python,shm-region-prefix-name=tes{ports['http']}_",
-        f"--http-address={host}", f"--http-port={ports['http']}",
-        f"--grpc-address={host}", f"--grpc-port={ports['grpc']}",
-        f"--metrics-address={host}", f"--metrics-port={ports['metrics']}",
+        f"--http-address={host}",
+        f"--http-port={ports['http']}",
+        f"--grpc-address={host}",
+        f"--grpc-port={ports['grpc']}",
+        f"--metrics-address={host}",
+        f"--metrics-port={ports['metrics']}",
         "--allow-gpu-metrics=false",
         *(_restriction_args(admin_key) if admin_key else []),
         *(extra_args or []),
     ]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(),
+            start_new_session=True,
         )
-    server = TritonProcess(process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(log_path), host, admin_key)
+    server = TritonProcess(
+        process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(log_path), host, admin_key
+    )
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServerError(f"tritonserver exited with code {process.returncode} while starting; log {log_path}:\n{log_tail(log_path)}")
+            raise ServerError(
+                f"tritonserver exited with code {process.returncode} while starting; log "
+                f"{log_path}:\n{log_tail(log_path)}"
+            )
         if _is_ready(server.http_url):
             return server
         time.sleep(0.2)
     stop(server.pid)
-    raise ServerError(f"tritonserver was not ready after {ready_timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}")
+    raise ServerError(
+        f"tritonserver was not ready after {ready_timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}"
+    )
 
 
 def _restriction_args(admin_key: str) -> list[str]:

@@ -10,7 +10,14 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-TINY_GPT = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "train_megabytes": 0.5, "validation_megabytes": 0.2}
+TINY_GPT = {
+    "n_layer": 1,
+    "n_embd": 32,
+    "n_head": 2,
+    "block_size": 32,
+    "train_megabytes": 0.5,
+    "validation_megabytes": 0.2,
+}
 TINY_DIGITS = {"channels": 8, "hidden": 32}
 
 
@@ -49,9 +56,9 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory):
 def serve_tiny_digits(server, folder: Path, name: str = "digits"):
     """An untrained tiny digits-cnn exported to `folder` and loaded into `server` as `name`; (onnx path, recipe)."""
     from export.onnx_export import ExportConfig, export_onnx
+    from recipes import build_recipe
     from serving import client, repository
     from serving.repository import ServingConfig
-    from recipes import build_recipe
 
     recipe = build_recipe("digits-cnn", TINY_DIGITS)
     onnx_path = export_onnx(recipe, recipe.build_model(), folder, ExportConfig()).output.onnx

@@ -94,7 +94,9 @@ class _Trainer:
         self.autocast = self.device.type == "cuda"  # bf16 autocast on GPU; CPU trains in fp32
         torch.manual_seed(config.seed)
         self.model = recipe.build_model().to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
         self.step, self.elapsed, self.history = 0, 0.0, []
         if config.resume and self.checkpoint_path.exists():
             state = _load_checkpoint(self.checkpoint_path, recipe)
@@ -105,11 +107,19 @@ class _Trainer:
             log.info("resuming from %s at step %d", self.checkpoint_path, self.step)
 
     def checkpoint(self) -> None:
-        _save_checkpoint(self.checkpoint_path, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-            "elapsed_s": self.elapsed, "history": self.history, "torch_rng": torch.get_rng_state(),
-            "recipe": self.recipe.describe(), "config": self.config.model_dump(),
-        })
+        _save_checkpoint(
+            self.checkpoint_path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "elapsed_s": self.elapsed,
+                "history": self.history,
+                "torch_rng": torch.get_rng_state(),
+                "recipe": self.recipe.describe(),
+                "config": self.config.model_dump(),
+            },
+        )
 
     def validate(self) -> dict[str, float]:
         self.model.eval()
@@ -140,13 +150,22 @@ class _Trainer:
         return loss
 
 
-def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress: bool = True) -> StageResult[TrainOutput]:
+def train(
+    recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress: bool = True
+) -> StageResult[TrainOutput]:
     """Train `recipe`'s model; writes `checkpoint.pt` and the final weights `model.pt` into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _Trainer(recipe, config, out_dir)
     batches = run.batches()
-    bar = tqdm(total=config.steps, initial=run.step, desc=f"train {recipe.name}", disable=not progress, unit="step", leave=False)
+    bar = tqdm(
+        total=config.steps,
+        initial=run.step,
+        desc=f"train {recipe.name}",
+        disable=not progress,
+        unit="step",
+        leave=False,
+    )
     run.model.train()
     loss_value, stopped_early, started = float("nan"), False, time.perf_counter() - run.elapsed
     while run.step < config.steps:
@@ -162,7 +181,8 @@ def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress:
         if run.step % config.eval_every == 0 and run.step < config.steps:
             metrics = run.validate()
             line = f"step {run.step}/{config.steps}: loss {loss.item():.4f}, " + ", ".join(
-                f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples")
+                f"{k} {v:.4f}" for k, v in metrics.items() if k != "samples"
+            )
             bar.write(line) if progress else log.info(line)
         if run.step % config.checkpoint_every == 0:
             run.checkpoint()
@@ -171,8 +191,21 @@ def train(recipe: Recipe, config: TrainingConfig, out_dir: str | Path, progress:
     run.checkpoint()
     run.model.eval()
     weights_path = atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: torch.save(run.model.to("cpu").state_dict(), tmp))
-    output = TrainOutput(device=str(run.device), autocast_bf16=run.autocast, steps=run.step, stopped_early_by_time=stopped_early,
-                         final_loss=loss_value, parameters=sum(p.numel() for p in run.model.parameters()), validation=final,
-                         history=tuple(run.history), weights=str(weights_path))
-    return StageResult(stage="train", status=Status.OK, seconds=run.elapsed,
-                       artifacts=(Artifact.of(weights_path), Artifact.of(run.checkpoint_path)), output=output)
+    output = TrainOutput(
+        device=str(run.device),
+        autocast_bf16=run.autocast,
+        steps=run.step,
+        stopped_early_by_time=stopped_early,
+        final_loss=loss_value,
+        parameters=sum(p.numel() for p in run.model.parameters()),
+        validation=final,
+        history=tuple(run.history),
+        weights=str(weights_path),
+    )
+    return StageResult(
+        stage="train",
+        status=Status.OK,
+        seconds=run.elapsed,
+        artifacts=(Artifact.of(weights_path), Artifact.of(run.checkpoint_path)),
+        output=output,
+    )

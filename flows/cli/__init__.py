@@ -36,11 +36,20 @@ __all__ = ["app", "main", "parse_param_args", "prefect_param_args"]
 DISTRIBUTION = "train-export-serve"
 USER_ERROR_EXIT = 2
 COMMANDS: list[tuple[str, Callable]] = [
-    ("up", stack_commands.up), ("down", stack_commands.down), ("status", stack_commands.status), ("env", stack_commands.env),
-    ("run", stack_commands.run), ("demo", stack_commands.demo),
-    ("infer", serve_commands.infer), ("complete", serve_commands.complete), ("bench", serve_commands.bench),
-    ("report", run_commands.report), ("variants", run_commands.variants), ("ledger", run_commands.ledger),
-    ("export-repository", run_commands.export_repository), ("scaling", run_commands.scaling),
+    ("up", stack_commands.up),
+    ("down", stack_commands.down),
+    ("status", stack_commands.status),
+    ("env", stack_commands.env),
+    ("run", stack_commands.run),
+    ("demo", stack_commands.demo),
+    ("infer", serve_commands.infer),
+    ("complete", serve_commands.complete),
+    ("bench", serve_commands.bench),
+    ("report", run_commands.report),
+    ("variants", run_commands.variants),
+    ("ledger", run_commands.ledger),
+    ("export-repository", run_commands.export_repository),
+    ("scaling", run_commands.scaling),
 ]
 # what a user can cause: the project's own errors, bad parameters, bad values handed to a client, a wrong path
 USER_ERRORS = (TesError, ValidationError, ValueError, FileNotFoundError)
@@ -61,8 +70,11 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
-                                                help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """train-export-serve: train a PyTorch model, export it to ONNX, serve it from Triton; orchestrated by Prefect."""
 
 

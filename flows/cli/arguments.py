@@ -25,17 +25,42 @@ def option(help: str, metavar: str | None = None, show_default: bool | str = Tru
     return typer.Option(*([flag] if flag else []), metavar=metavar, show_default=show_default, help=help)
 
 
-ParamPairs = Annotated[Optional[list[str]], typer.Option(
-    "--param", metavar="KEY=VALUE", show_default=False,
-    help="A pipeline parameter (repeatable); the value is JSON, else a string; dotted keys nest: training.steps=50.")]
-ParamsJson = Annotated[Optional[str], typer.Option(
-    "--params", metavar="JSON", show_default=False,
-    help="All parameters as one JSON object; --param values are applied on top.")]
-RunFolder = Annotated[Optional[str], typer.Argument(
-    metavar="RUN", show_default=False, help="The run folder, e.g. runs/20260101-120000-stdlib-gpt; default: the last run.")]
+ParamPairs = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--param",
+        metavar="KEY=VALUE",
+        show_default=False,
+        help="A pipeline parameter (repeatable); the value is JSON, else a string; dotted keys nest: "
+        "training.steps=50.",
+    ),
+]
+ParamsJson = Annotated[
+    Optional[str],
+    typer.Option(
+        "--params",
+        metavar="JSON",
+        show_default=False,
+        help="All parameters as one JSON object; --param values are applied on top.",
+    ),
+]
+RunFolder = Annotated[
+    Optional[str],
+    typer.Argument(
+        metavar="RUN",
+        show_default=False,
+        help="The run folder, e.g. runs/20260101-120000-stdlib-gpt; default: the last run.",
+    ),
+]
 ProtocolOption = Annotated[Protocol, typer.Option(help="The KServe v2 protocol to send requests over.")]
-UrlOption = Annotated[Optional[str], typer.Option(
-    metavar="HOST:PORT", show_default=False, help="Triton's endpoint for that protocol; default: the stack's (tes up).")]
+UrlOption = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="HOST:PORT",
+        show_default=False,
+        help="Triton's endpoint for that protocol; default: the stack's (tes up).",
+    ),
+]
 
 
 def parse_param_args(pairs: list[str]) -> dict[str, Any]:
@@ -74,11 +99,14 @@ def pipeline_overrides(params_json: str | None, pairs: list[str] | None) -> dict
         try:
             base = json.loads(params_json)
         except json.JSONDecodeError as error:
-            raise typer.BadParameter(f"not JSON ({error.msg}, at character {error.pos}): {params_json!r}",
-                                     param_hint="'--params'") from error
+            raise typer.BadParameter(
+                f"not JSON ({error.msg}, at character {error.pos}): {params_json!r}", param_hint="'--params'"
+            ) from error
         if not isinstance(base, dict):
-            raise typer.BadParameter(f"expected a JSON object such as '{{\"recipe\": \"digits-cnn\"}}', got {params_json!r}",
-                                     param_hint="'--params'")
+            raise typer.BadParameter(
+                f'expected a JSON object such as \'{{"recipe": "digits-cnn"}}\', got {params_json!r}',
+                param_hint="'--params'",
+            )
     return _merge(base, parse_param_args(pairs or []))
 
 
@@ -98,10 +126,14 @@ def number_list(text: str | None, kind: type[int] | type[float], flag: str) -> t
     try:
         numbers = tuple(kind(part) for part in text.split(","))
     except ValueError as error:
-        raise typer.BadParameter(f"expected comma-separated {'whole numbers' if kind is int else 'numbers'} "
-                                 f"such as {example}, got {text!r}", param_hint=f"'{flag}'") from error
+        raise typer.BadParameter(
+            f"expected comma-separated {'whole numbers' if kind is int else 'numbers'} such as {example}, got {text!r}",
+            param_hint=f"'{flag}'",
+        ) from error
     if not all(number > 0 for number in numbers):
-        raise typer.BadParameter(f"every number must be above 0, such as {example}; got {text!r}", param_hint=f"'{flag}'")
+        raise typer.BadParameter(
+            f"every number must be above 0, such as {example}; got {text!r}", param_hint=f"'{flag}'"
+        )
     return numbers
 
 
@@ -123,12 +155,15 @@ def input_tensors(pairs: list[str], dtype: str) -> dict[str, Any]:
     for pair in pairs:
         name, sep, raw = pair.partition("=")
         if not sep or not name:
-            raise typer.BadParameter(f"{pair!r}: expected NAME=JSON, e.g. --input 'tokens=[[1, 2, 3]]'", param_hint="'--input'")
+            raise typer.BadParameter(
+                f"{pair!r}: expected NAME=JSON, e.g. --input 'tokens=[[1, 2, 3]]'", param_hint="'--input'"
+            )
         try:
             tensors[name] = np.asarray(json.loads(raw), dtype=dtype)
         except json.JSONDecodeError as error:
-            raise typer.BadParameter(f"{name}: not JSON ({error.msg}, at character {error.pos}): {raw!r}",
-                                     param_hint="'--input'") from error
+            raise typer.BadParameter(
+                f"{name}: not JSON ({error.msg}, at character {error.pos}): {raw!r}", param_hint="'--input'"
+            ) from error
         except (TypeError, ValueError) as error:  # ragged lists, values that do not fit, an unknown --dtype
             raise typer.BadParameter(f"{name}: not an array of {dtype} ({error})", param_hint="'--input'") from error
     return tensors

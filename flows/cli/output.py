@@ -39,7 +39,9 @@ def markdown(text: str) -> None:
         say(text.rstrip("\n"))
 
 
-def table(columns: list[str], rows: list[list[str]], title: str | None = None, numeric: frozenset[int] = frozenset()) -> None:
+def table(
+    columns: list[str], rows: list[list[str]], title: str | None = None, numeric: frozenset[int] = frozenset()
+) -> None:
     """A table; `numeric` holds the indexes of right-aligned columns. Cells are plain text, never markup."""
     shown = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
     for index, column in enumerate(columns):

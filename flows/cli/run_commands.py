@@ -40,17 +40,35 @@ OutFolder = Annotated[str, typer.Argument(metavar="OUT", show_default=False, hel
 RunOption = Annotated[Optional[str], option("The run folder.", "RUN", "the last run")]
 ModelPrefix = Annotated[Optional[str], option("Model name prefix.", show_default="the run's")]
 Cpu = Annotated[bool, option("KIND_CPU instance groups instead of KIND_GPU.", flag="--cpu")]
-TargetTensorrt = Annotated[Optional[str], option(
-    "The serving Triton's TensorRT version, e.g. 10.3.0.26 (needed when the run has engines).", "VERSION", False)]
-TargetCc = Annotated[Optional[str], option("Its GPUs' compute capabilities, comma-separated, e.g. 8.0,9.0.", "LIST", False)]
+TargetTensorrt = Annotated[
+    Optional[str],
+    option(
+        "The serving Triton's TensorRT version, e.g. 10.3.0.26 (needed when the run has engines).", "VERSION", False
+    ),
+]
+TargetCc = Annotated[
+    Optional[str], option("Its GPUs' compute capabilities, comma-separated, e.g. 8.0,9.0.", "LIST", False)
+]
 NoEngines = Annotated[bool, option("Export the ONNX models only.", flag="--no-engines")]
-Rebuild = Annotated[bool, option("Rebuild engines missing for a target capability on this machine's GPU.", flag="--rebuild")]
-EngineDirs = Annotated[Optional[list[str]], option("An engine folder built elsewhere for this run (repeatable).", "FOLDER", False)]
+Rebuild = Annotated[
+    bool, option("Rebuild engines missing for a target capability on this machine's GPU.", flag="--rebuild")
+]
+EngineDirs = Annotated[
+    Optional[list[str]], option("An engine folder built elsewhere for this run (repeatable).", "FOLDER", False)
+]
 
 
-def export_repository(out: OutFolder, run: RunOption = None, model: ModelPrefix = None, cpu: Cpu = False,
-                      target_tensorrt: TargetTensorrt = None, target_cc: TargetCc = None, no_engines: NoEngines = False,
-                      rebuild: Rebuild = False, engine_dir: EngineDirs = None) -> None:
+def export_repository(
+    out: OutFolder,
+    run: RunOption = None,
+    model: ModelPrefix = None,
+    cpu: Cpu = False,
+    target_tensorrt: TargetTensorrt = None,
+    target_cc: TargetCc = None,
+    no_engines: NoEngines = False,
+    rebuild: Rebuild = False,
+    engine_dir: EngineDirs = None,
+) -> None:
     """Write a native (onnxruntime_onnx / tensorrt_plan) repository from a run, for an NGC Triton or a cluster."""
     from export.trt_engine import local_rebuild
     from serving.native_repository import export_repository as export
@@ -59,17 +77,33 @@ def export_repository(out: OutFolder, run: RunOption = None, model: ModelPrefix 
     run_dir, params = rundata.run_parameters(run)
     recipe = params.build_recipe()
     serving = params.serving_config(recipe)
-    rebuilder = local_rebuild(run_dir, recipe, params.tensorrt, params.precision, serving.max_batch_size) if rebuild else None
-    exported = export(run_dir, Path(out), model or params.triton_model_name, serving, gpu=not cpu,
-                      target=target, include_engines=not no_engines, rebuild=rebuilder,
-                      engine_dirs=[Path(folder) for folder in engine_dir or []])
-    output.table(["model", "version", "folder"], [[v.model_name, str(v.version), str(v.path)] for v in exported.versions],
-                 title=f"native repository {Path(out).resolve()}", numeric=frozenset({1}))
+    rebuilder = (
+        local_rebuild(run_dir, recipe, params.tensorrt, params.precision, serving.max_batch_size) if rebuild else None
+    )
+    exported = export(
+        run_dir,
+        Path(out),
+        model or params.triton_model_name,
+        serving,
+        gpu=not cpu,
+        target=target,
+        include_engines=not no_engines,
+        rebuild=rebuilder,
+        engine_dirs=[Path(folder) for folder in engine_dir or []],
+    )
+    output.table(
+        ["model", "version", "folder"],
+        [[v.model_name, str(v.version), str(v.path)] for v in exported.versions],
+        title=f"native repository {Path(out).resolve()}",
+        numeric=frozenset({1}),
+    )
     for line in exported.left_out:
         output.say(f"left out: {line}")
     server_args = "".join(f" {arg}" for arg in exported.server_args)
-    output.say("\nServe it with a Triton that has the onnxruntime and tensorrt backends, e.g. an NGC container:\n"
-               f"  tritonserver --model-repository={Path(out).resolve()}{server_args}")
+    output.say(
+        "\nServe it with a Triton that has the onnxruntime and tensorrt backends, e.g. an NGC container:\n"
+        f"  tritonserver --model-repository={Path(out).resolve()}{server_args}"
+    )
 
 
 def _engine_target(tensorrt_version: str | None, capabilities: str | None):
@@ -78,8 +112,10 @@ def _engine_target(tensorrt_version: str | None, capabilities: str | None):
     if not (tensorrt_version or capabilities):
         return None
     if not (tensorrt_version and capabilities):
-        raise TesError("--target-tensorrt and --target-cc go together: the serving Triton's TensorRT version and its GPUs' "
-                       "compute capabilities, e.g. --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0")
+        raise TesError(
+            "--target-tensorrt and --target-cc go together: the serving Triton's TensorRT version and its GPUs' "
+            "compute capabilities, e.g. --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0"
+        )
     return EngineTarget(tensorrt_version, tuple(cc.strip() for cc in capabilities.split(",") if cc.strip()))
 
 

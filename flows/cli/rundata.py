@@ -73,29 +73,53 @@ def variants_view(run: str | None = None) -> TableView:
     run_summary = summary(run)
     precision = run_summary.precision
     if not precision.ok or precision.output is None:
-        raise TesError(f"run {run_summary.run_id} has no precision variants: its precision stage is {precision.status.value}")
+        raise TesError(
+            f"run {run_summary.run_id} has no precision variants: its precision stage is {precision.status.value}"
+        )
     out = precision.output
-    columns = ["variant", "size", out.primary_metric, "vs FP32", "max / mean abs diff", "top-1 agree", "p50 b=1", "throughput",
-               "speedup", "decision"]
+    columns = [
+        "variant",
+        "size",
+        out.primary_metric,
+        "vs FP32",
+        "max / mean abs diff",
+        "top-1 agree",
+        "p50 b=1",
+        "throughput",
+        "speedup",
+        "decision",
+    ]
     title = f"run {run_summary.run_id}: policy {out.policy}; {out.selected} serves the plain model name"
-    return TableView(columns, [_variant_cells(report, out.primary_metric) for report in out.variants], title,
-                     numeric=frozenset(range(1, 9)))
+    return TableView(
+        columns,
+        [_variant_cells(report, out.primary_metric) for report in out.variants],
+        title,
+        numeric=frozenset(range(1, 9)),
+    )
 
 
 def _variant_cells(report, metric: str) -> list[str]:
-    scored, timed = bool(report.metrics), report.throughput_per_s > 0  # skipped: neither; rejected on accuracy: not timed
+    scored, timed = (
+        bool(report.metrics),
+        report.throughput_per_s > 0,
+    )  # skipped: neither; rejected on accuracy: not timed
     decision = report.status + (f": {report.reason}" if report.reason else "")
     if report.serves_alias:
         decision += " (serves the plain name)"
     if report.excluded_nodes:
         decision += f"; excluded from quantization: {', '.join(report.excluded_nodes)}"
-    return [report.name, f"{report.bytes / 1e6:.2f} MB" if report.bytes else "-",
-            f"{report.metrics[metric]:.4f}" if scored else "-",
-            f"{100 * report.metric_delta_relative:+.2f}%" if scored else "-",
-            f"{report.max_abs_diff:.2e} / {report.mean_abs_diff:.2e}" if scored else "-",
-            f"{report.top1_agreement:.3f}" if scored else "-",
-            f"{report.latency_p50_ms:.2f} ms" if timed else "-", f"{report.throughput_per_s:.0f}/s" if timed else "-",
-            f"{report.speedup_vs_fp32:.2f}x" if timed else "-", decision]
+    return [
+        report.name,
+        f"{report.bytes / 1e6:.2f} MB" if report.bytes else "-",
+        f"{report.metrics[metric]:.4f}" if scored else "-",
+        f"{100 * report.metric_delta_relative:+.2f}%" if scored else "-",
+        f"{report.max_abs_diff:.2e} / {report.mean_abs_diff:.2e}" if scored else "-",
+        f"{report.top1_agreement:.3f}" if scored else "-",
+        f"{report.latency_p50_ms:.2f} ms" if timed else "-",
+        f"{report.throughput_per_s:.0f}/s" if timed else "-",
+        f"{report.speedup_vs_fp32:.2f}x" if timed else "-",
+        decision,
+    ]
 
 
 # --- the ledger -----------------------------------------------------------------------------------------------------
@@ -105,18 +129,23 @@ def ledger_view(run: str | None = None) -> LedgerView:
     if not run_summary.ledger:
         raise TesError(f"run {run_summary.run_id} has no ledger")
     data = json.loads(Path(run_summary.ledger["json"]).read_text(encoding="utf-8"))
-    stages = TableView(["stage", "device", "wall", "peak host mem", "FLOPs", "utilization", "energy", "cost", "CO2e"],
-                       [_ledger_cells(entry) for entry in data["entries"]], f"run {run_summary.run_id}: compute and energy",
-                       numeric=frozenset(range(2, 9)))
+    stages = TableView(
+        ["stage", "device", "wall", "peak host mem", "FLOPs", "utilization", "energy", "cost", "CO2e"],
+        [_ledger_cells(entry) for entry in data["entries"]],
+        f"run {run_summary.run_id}: compute and energy",
+        numeric=frozenset(range(2, 9)),
+    )
     prices = data["prices"]
     per_device_hour = prices["usd_per_device_hour"]
     if isinstance(per_device_hour, dict):  # per device kind
         per_device_hour = ", ".join(f"{usd} ({kind})" for kind, usd in per_device_hour.items())
-    notes = [f"Prices: {per_device_hour} USD per device-hour, {prices['usd_per_kwh']} USD/kWh, "
-             f"{prices['grid_g_co2e_per_kwh']} g CO2e/kWh; estimated energy assumes {prices['cpu_watts_per_busy_core']} W "
-             "per busy CPU core and comes from a declared model, not a meter.",
-             f"Inference: {data['inference_flops_per_sample']:.3g} FLOPs per sample; this machine's numpy FP32 matmul "
-             f"reaches {data['matmul_fp32_flops_per_s_measured'] / 1e9:.1f} GFLOP/s."]
+    notes = [
+        f"Prices: {per_device_hour} USD per device-hour, {prices['usd_per_kwh']} USD/kWh, "
+        f"{prices['grid_g_co2e_per_kwh']} g CO2e/kWh; estimated energy assumes {prices['cpu_watts_per_busy_core']} W "
+        "per busy CPU core and comes from a declared model, not a meter.",
+        f"Inference: {data['inference_flops_per_sample']:.3g} FLOPs per sample; this machine's numpy FP32 matmul "
+        f"reaches {data['matmul_fp32_flops_per_s_measured'] / 1e9:.1f} GFLOP/s.",
+    ]
     notes += [f"{entry['stage']}: {note}" for entry in data["entries"] for note in entry["notes"]]
     notes.append(f"plot: {run_summary.ledger['plot']}")
     return LedgerView(stages, _serving_table(data.get("serving", [])), _payback_table(data.get("payback", [])), notes)
@@ -126,18 +155,39 @@ def _ledger_cells(entry: dict[str, Any]) -> list[str]:
     energy = f"{entry['joules']:.1f} J ({entry['energy_kind']})" if entry["joules"] is not None else "n/a"
     utilization = f"{100 * entry['utilization']:.2f}%" if entry["utilization"] else "-"
     co2e = f"{entry['co2e_g']:.3f} g" if entry["co2e_g"] is not None else "-"
-    return [entry["stage"], f"{entry['device']} x{entry['device_count']}", f"{entry['wall_s']:.1f} s",
-            f"{entry['peak_host_mb']:.0f} MB", f"{entry['flops']:.3g}" if entry["flops"] else "-", utilization, energy,
-            f"${entry['cost_usd']:.5f}", co2e]
+    return [
+        entry["stage"],
+        f"{entry['device']} x{entry['device_count']}",
+        f"{entry['wall_s']:.1f} s",
+        f"{entry['peak_host_mb']:.0f} MB",
+        f"{entry['flops']:.3g}" if entry["flops"] else "-",
+        utilization,
+        energy,
+        f"${entry['cost_usd']:.5f}",
+        co2e,
+    ]
 
 
 def _serving_table(rows: list[dict[str, Any]]) -> TableView | None:
     if not rows:
         return None
-    return TableView(["protocol", "mode", "load", "J / inference", "inferences / J", "p50 ms / GFLOP", "method"],
-                     [[r["protocol"], r["mode"], f"{r['load']:.0f}", f"{r['joules_per_inference']:.4f}",
-                       f"{r['inferences_per_joule']:.1f}", f"{r['p50_ms_per_gflop']:.3f}", r["method"]] for r in rows],
-                     "serving energy", numeric=frozenset(range(2, 6)))
+    return TableView(
+        ["protocol", "mode", "load", "J / inference", "inferences / J", "p50 ms / GFLOP", "method"],
+        [
+            [
+                r["protocol"],
+                r["mode"],
+                f"{r['load']:.0f}",
+                f"{r['joules_per_inference']:.4f}",
+                f"{r['inferences_per_joule']:.1f}",
+                f"{r['p50_ms_per_gflop']:.3f}",
+                r["method"],
+            ]
+            for r in rows
+        ],
+        "serving energy",
+        numeric=frozenset(range(2, 6)),
+    )
 
 
 NEVER = "never (not cheaper per inference)"
@@ -146,10 +196,20 @@ NEVER = "never (not cheaper per inference)"
 def _payback_table(rows: list[dict[str, Any]]) -> TableView | None:
     if not rows:
         return None
-    return TableView(["variant", "pays back its build after", "energy", "build"],
-                     [[r["variant"], f"{r['payback_inferences']:.3g} inferences" if r["payback_inferences"] else NEVER,
-                       r["energy_kind"], f"{r['build_joules']:.1f} J"] for r in rows], "energy pay-back of each variant",
-                     numeric=frozenset({3}))
+    return TableView(
+        ["variant", "pays back its build after", "energy", "build"],
+        [
+            [
+                r["variant"],
+                f"{r['payback_inferences']:.3g} inferences" if r["payback_inferences"] else NEVER,
+                r["energy_kind"],
+                f"{r['build_joules']:.1f} J",
+            ]
+            for r in rows
+        ],
+        "energy pay-back of each variant",
+        numeric=frozenset({3}),
+    )
 
 
 # --- results the commands get back ----------------------------------------------------------------------------------

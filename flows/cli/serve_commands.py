@@ -14,8 +14,9 @@ from flows.cli import output, rundata
 from flows.cli.arguments import Protocol, ProtocolOption, UrlOption, host_port, input_tensors, number_list, option
 
 DEFAULT_DEMO_MODEL = "stdlib-gpt"
-ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
-                                              help="The served model's name, e.g. stdlib-gpt.")]
+ModelArgument = Annotated[
+    str, typer.Argument(metavar="MODEL", show_default=False, help="The served model's name, e.g. stdlib-gpt.")
+]
 
 
 def recipe_of_model(model: str):
@@ -40,18 +41,31 @@ def triton_url(protocol: Protocol, url: str | None) -> str:
 
 
 Text = Annotated[Optional[str], option("For byte models: the context as text.", show_default=False)]
-Sample = Annotated[Optional[int], typer.Option(min=0, show_default="0", help="A held-out sample of the recipe, by number.")]
-Inputs = Annotated[Optional[list[str]], option("A raw input tensor as a JSON array (repeatable).", "NAME=JSON", False, "--input")]
+Sample = Annotated[
+    Optional[int], typer.Option(min=0, show_default="0", help="A held-out sample of the recipe, by number.")
+]
+Inputs = Annotated[
+    Optional[list[str]], option("A raw input tensor as a JSON array (repeatable).", "NAME=JSON", False, "--input")
+]
 Dtype = Annotated[str, option("The numpy dtype of --input arrays.")]
 
 
-def infer(model: ModelArgument, text: Text = None, sample: Sample = None, input_: Inputs = None, dtype: Dtype = "float32",
-          protocol: ProtocolOption = Protocol.http, url: UrlOption = None) -> None:
+def infer(
+    model: ModelArgument,
+    text: Text = None,
+    sample: Sample = None,
+    input_: Inputs = None,
+    dtype: Dtype = "float32",
+    protocol: ProtocolOption = Protocol.http,
+    url: UrlOption = None,
+) -> None:
     """Send one request to a served model; print each output (top-5 classes of (batch, classes) outputs)."""
     from recipes.requests import sample_inputs
     from serving.client import infer as send
 
-    given = [name for name, value in (("--text", text), ("--sample", sample), ("--input", input_)) if value not in (None, [])]
+    given = [
+        name for name, value in (("--text", text), ("--sample", sample), ("--input", input_)) if value not in (None, [])
+    ]
     if len(given) > 1:
         raise TesError(f"{' and '.join(given)} cannot go together: a request comes from one of them")
     inputs = input_tensors(input_, dtype) if input_ else sample_inputs(recipe_of_model(model), sample or 0, text)
@@ -79,22 +93,32 @@ def _label(index: int, classes: int) -> str:
     return repr(chr(index)) if classes == 256 else str(index)
 
 
-Prompt = Annotated[str, typer.Argument(metavar="PROMPT", show_default=False, help="The code to continue, e.g. 'def fib(n):'.")]
+Prompt = Annotated[
+    str, typer.Argument(metavar="PROMPT", show_default=False, help="The code to continue, e.g. 'def fib(n):'.")
+]
 ByteModel = Annotated[str, option("A served byte model.")]
 MaxBytes = Annotated[int, typer.Option(min=0, help="How many bytes to add (one request each).")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0: always the most likely byte.")]
 Seed = Annotated[int, option("Seed of the sampling.")]
 
 
-def complete(prompt: Prompt, model: ByteModel = DEFAULT_DEMO_MODEL, max_bytes: MaxBytes = 80, temperature: Temperature = 0.7,
-             seed: Seed = 0, protocol: ProtocolOption = Protocol.http, url: UrlOption = None) -> None:
+def complete(
+    prompt: Prompt,
+    model: ByteModel = DEFAULT_DEMO_MODEL,
+    max_bytes: MaxBytes = 80,
+    temperature: Temperature = 0.7,
+    seed: Seed = 0,
+    protocol: ProtocolOption = Protocol.http,
+    url: UrlOption = None,
+) -> None:
     """Complete code with a served stdlib-gpt, one request per byte."""
     from recipes.requests import byte_context
     from serving.client import complete_bytes
 
     context = byte_context(recipe_of_model(model))
-    stream = complete_bytes(triton_url(protocol, url), model, prompt.encode(), context, protocol.value, max_bytes,
-                            temperature, seed)
+    stream = complete_bytes(
+        triton_url(protocol, url), model, prompt.encode(), context, protocol.value, max_bytes, temperature, seed
+    )
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may take several bytes
     sys.stdout.write(prompt)
     try:
@@ -111,27 +135,47 @@ GrpcUrl = Annotated[Optional[str], option("Its gRPC endpoint; default: the stack
 Protocols = Annotated[Optional[list[Protocol]], option("Repeat for both.", show_default="grpc, http")]
 Thorough = Annotated[bool, option("Concurrency 1..32, Poisson rates, 3 s windows.", flag="--thorough")]
 Concurrencies = Annotated[Optional[str], option("Comma-separated, e.g. 1,2,4,8.", "LIST", "1,4; thorough: 1..32")]
-Rates = Annotated[Optional[str], option("Comma-separated Poisson request rates per second, e.g. 50,100,200.", "LIST",
-                                         "none; thorough: 25..400")]
+Rates = Annotated[
+    Optional[str],
+    option("Comma-separated Poisson request rates per second, e.g. 50,100,200.", "LIST", "none; thorough: 25..400"),
+]
 P99Budget = Annotated[float, option("The open-loop result is the highest rate whose p99 stays under this.")]
 SweepConfigs = Annotated[bool, option("Try dynamic batching, queue delays, instance counts.", flag="--sweep-configs")]
 ApplyBest = Annotated[bool, option("Deploy the best configuration found.", flag="--apply-best")]
 OutFolder = Annotated[Optional[str], option("Output folder.", "FOLDER", "runs/benchmarks/<time>-<model>")]
 
 
-def bench(model: ModelArgument, url: HttpUrl = None, grpc_url: GrpcUrl = None, protocol: Protocols = None,
-          thorough: Thorough = False, concurrency: Concurrencies = None, rate: Rates = None, p99_budget_ms: P99Budget = 50.0,
-          sweep_configs: SweepConfigs = False, apply_best: ApplyBest = False, out: OutFolder = None) -> None:
+def bench(
+    model: ModelArgument,
+    url: HttpUrl = None,
+    grpc_url: GrpcUrl = None,
+    protocol: Protocols = None,
+    thorough: Thorough = False,
+    concurrency: Concurrencies = None,
+    rate: Rates = None,
+    p99_budget_ms: P99Budget = 50.0,
+    sweep_configs: SweepConfigs = False,
+    apply_best: ApplyBest = False,
+    out: OutFolder = None,
+) -> None:
     """Benchmark a served model: in-process baselines, concurrency and Poisson-rate sweeps, plots."""
     from bench.stage import SHORT, THOROUGH, BenchmarkOptions, run_benchmark
     from flows import stack
 
     protocols = tuple(p.value for p in protocol) if protocol else ("grpc", "http")
-    options = BenchmarkOptions(thorough=thorough, protocols=protocols, concurrencies=number_list(concurrency, int, "--concurrency"),
-                               rates=number_list(rate, float, "--rate"), p99_budget_ms=p99_budget_ms, sweep_configs=sweep_configs,
-                               apply_best=apply_best)
+    options = BenchmarkOptions(
+        thorough=thorough,
+        protocols=protocols,
+        concurrencies=number_list(concurrency, int, "--concurrency"),
+        rates=number_list(rate, float, "--rate"),
+        p99_budget_ms=p99_budget_ms,
+        sweep_configs=sweep_configs,
+        apply_best=apply_best,
+    )
     preset = THOROUGH if thorough else SHORT
-    points = len(protocols) * (len(options.concurrencies or preset["concurrencies"]) + len(options.rates or preset["rates"]))
+    points = len(protocols) * (
+        len(options.concurrencies or preset["concurrencies"]) + len(options.rates or preset["rates"])
+    )
     endpoint = stack.endpoint(host_port(url), host_port(grpc_url, "--grpc-url"))
     if endpoint is None:
         raise TesError("no Triton to benchmark: start the stack with `tes up`, or pass --url host:port")

@@ -16,18 +16,27 @@ from core import paths
 from flows.cli import output, rundata
 from flows.cli.arguments import ParamPairs, ParamsJson, pipeline_overrides, prefect_param_args
 
-PortOption = Annotated[Optional[int], typer.Option(
-    metavar="PORT", min=1, max=65535, show_default=False, help="Default: the usual port if free, else a free one.")]
+PortOption = Annotated[
+    Optional[int],
+    typer.Option(
+        metavar="PORT", min=1, max=65535, show_default=False, help="Default: the usual port if free, else a free one."
+    ),
+]
 NO_STACK = "no stack is up: start it with `tes up`"
 
 
-def up(prefect_port: PortOption = None, http_port: PortOption = None, grpc_port: PortOption = None,
-       metrics_port: PortOption = None) -> None:
+def up(
+    prefect_port: PortOption = None,
+    http_port: PortOption = None,
+    grpc_port: PortOption = None,
+    metrics_port: PortOption = None,
+) -> None:
     """Start the Prefect server, the deployment runner and Triton (loopback only)."""
     from flows import stack
 
-    state = stack.up(prefect_port=prefect_port, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                     say=output.say)
+    state = stack.up(
+        prefect_port=prefect_port, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, say=output.say
+    )
     _print_stack(state)
 
 
@@ -47,9 +56,15 @@ def status() -> int:
     if not state:
         output.error(NO_STACK)
         return 1
-    output.table(["process", "pid", "state"],
-                 [[part, str(state[part]["pid"]), "running" if triton.pid_alive(state[part]["pid"]) else "GONE"]
-                  for part in ("prefect", "runner", "triton")], title="stack", numeric=frozenset({1}))
+    output.table(
+        ["process", "pid", "state"],
+        [
+            [part, str(state[part]["pid"]), "running" if triton.pid_alive(state[part]["pid"]) else "GONE"]
+            for part in ("prefect", "runner", "triton")
+        ],
+        title="stack",
+        numeric=frozenset({1}),
+    )
     url = stack.triton_url("http")
     if url is None:
         output.error("Triton is not running: restart the stack with `tes down` and `tes up`")
@@ -58,9 +73,20 @@ def status() -> int:
     if not models:
         output.say(f"no model in the repository of Triton at {url} yet: deploy one with `tes run` or `tes demo`")
         return 0
-    output.table(["model", "version", "state", "reason"],
-                 [[entry.get("name", "?"), str(entry.get("version", "-")), entry.get("state", "UNAVAILABLE"),
-                   entry.get("reason", "")] for entry in models], title=f"models on Triton at {url}", numeric=frozenset({1}))
+    output.table(
+        ["model", "version", "state", "reason"],
+        [
+            [
+                entry.get("name", "?"),
+                str(entry.get("version", "-")),
+                entry.get("state", "UNAVAILABLE"),
+                entry.get("reason", ""),
+            ]
+            for entry in models
+        ],
+        title=f"models on Triton at {url}",
+        numeric=frozenset({1}),
+    )
     return 0
 
 
@@ -94,8 +120,14 @@ def demo(param: ParamPairs = None, params: ParamsJson = None) -> int:
     overrides = pipeline_overrides(params, param)
     parse_params(overrides)  # refuse bad parameters before starting anything
     state = stack.up(say=output.say)
-    command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
-               f"{stack.FLOW_NAME}/{stack.DEPLOYMENT_NAME}", "--watch", *prefect_param_args(overrides)]
+    command = [
+        str(Path(sys.executable).parent / "prefect"),
+        "deployment",
+        "run",
+        f"{stack.FLOW_NAME}/{stack.DEPLOYMENT_NAME}",
+        "--watch",
+        *prefect_param_args(overrides),
+    ]
     output.say("\n$ prefect " + shlex.join(command[1:]) + "\n")
     sys.stdout.flush()
     returncode = subprocess.call(command, env={**os.environ, **stack.prefect_env(state["prefect"]["api_url"])})
@@ -110,10 +142,12 @@ def demo(param: ParamPairs = None, params: ParamsJson = None) -> int:
 def _print_stack(state: dict) -> None:
     triton_state, host = state["triton"], state["triton"]["host"]
     output.say(f"Prefect API  {state['prefect']['api_url']}   (UI {state['prefect']['ui']})")
-    output.say(f"Triton       HTTP {host}:{triton_state['http_port']}   gRPC {host}:{triton_state['grpc_port']}"
-               f"   metrics {host}:{triton_state['metrics_port']}")
+    output.say(
+        f"Triton       HTTP {host}:{triton_state['http_port']}   gRPC {host}:{triton_state['grpc_port']}"
+        f"   metrics {host}:{triton_state['metrics_port']}"
+    )
     output.say(f"Logs         {paths.state_dir()}")
-    output.say("Stop it all with `tes down`; point the prefect CLI at it with `eval \"$(tes env)\"`.")
+    output.say('Stop it all with `tes down`; point the prefect CLI at it with `eval "$(tes env)"`.')
 
 
 def _print_demo_summary(state: dict) -> None:
@@ -128,8 +162,10 @@ def _print_demo_summary(state: dict) -> None:
     output.say(f"\nRun outputs : {run_dir}\nReport      : {run_dir}/report.md")
     output.say(f"Live model  : '{model}' version {version} on Triton at {host}:{http_port}")
     output.say("\nQuery it over HTTP (KServe v2 JSON):")
-    output.say(f"  curl -s -X POST http://{host}:{http_port}/v2/models/{model}/infer -H 'Content-Type: application/json' "
-               f"-d '{_kserve_json(sample_inputs(recipe))}'")
+    output.say(
+        f"  curl -s -X POST http://{host}:{http_port}/v2/models/{model}/infer -H 'Content-Type: application/json' "
+        f"-d '{_kserve_json(sample_inputs(recipe))}'"
+    )
     output.say("Query it over gRPC:")
     if is_byte_model(recipe):  # show the completion loop
         output.say(f"  {tes} complete 'def fib(n):' --model {model} --protocol grpc")
@@ -142,7 +178,16 @@ def _kserve_json(inputs: dict) -> str:
     """A KServe v2 JSON request body for these arrays (floats rounded to keep the line short)."""
     from tritonclient.utils import np_to_triton_dtype
 
-    return json.dumps({"inputs": [
-        {"name": name, "shape": list(array.shape), "datatype": np_to_triton_dtype(array.dtype),
-         "data": [round(float(x), 4) if array.dtype.kind == "f" else int(x) for x in array.ravel()]}
-        for name, array in inputs.items()]})
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": np_to_triton_dtype(array.dtype),
+                    "data": [round(float(x), 4) if array.dtype.kind == "f" else int(x) for x in array.ravel()],
+                }
+                for name, array in inputs.items()
+            ]
+        }
+    )

@@ -20,8 +20,14 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 _TRITON_TO_NUMPY = {
-    "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_INT8": np.int8, "TYPE_INT16": np.int16,
-    "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP16": np.float16, "TYPE_FP32": np.float32,
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT8": np.int8,
+    "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
     "TYPE_FP64": np.float64,
 }
 
@@ -43,8 +49,12 @@ def _log_provider(model: str, args: dict, requested: list, got: str) -> None:
     """One line per instance in Triton's log saying which execution provider ONNX Runtime really uses (a warning
     when it is not the first one asked for); `grep tes-provider` finds them."""
     names = [entry[0] if isinstance(entry, tuple) else entry for entry in requested]
-    line = (f"tes-provider model={model} version={args.get('model_version', '')} instance={args.get('model_instance_name', '')} "
-            f"kind={args.get('model_instance_kind', '')} got={got} requested={','.join(names)} onnxruntime={ort.__version__}")
+    line = (
+        f"tes-provider model={model} version={args.get('model_version', '')} "
+        f"instance={args.get('model_instance_name', '')} "
+        f"kind={args.get('model_instance_kind', '')} got={got} requested={','.join(names)} "
+        f"onnxruntime={ort.__version__}"
+    )
     (pb_utils.Logger.log_info if got == names[0] else pb_utils.Logger.log_warn)(line)
 
 
@@ -106,12 +116,21 @@ class TritonPythonModel:
                 root = _parameter(config, "trt_cache_dir", "") or os.path.join(tempfile.gettempdir(), "tes-trt-cache")
                 cache = os.path.join(root, config["name"], str(args.get("model_version", "")))
                 os.makedirs(cache, exist_ok=True)
-                chosen.append(("TensorrtExecutionProvider", {
-                    "device_id": device, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                    "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
-                    "trt_fp16_enable": precision in ("fp16", "int8-static") or _parameter(config, "trt_fp16", "false") == "true",
-                    "trt_int8_enable": precision == "int8-static",  # explicit QDQ scales: no calibration table
-                }))
+                chosen.append(
+                    (
+                        "TensorrtExecutionProvider",
+                        {
+                            "device_id": device,
+                            "trt_engine_cache_enable": True,
+                            "trt_engine_cache_path": cache,
+                            "trt_timing_cache_enable": True,
+                            "trt_timing_cache_path": cache,
+                            "trt_fp16_enable": precision in ("fp16", "int8-static")
+                            or _parameter(config, "trt_fp16", "false") == "true",
+                            "trt_int8_enable": precision == "int8-static",  # explicit QDQ scales: no calibration table
+                        },
+                    )
+                )
             if "CUDAExecutionProvider" in available:
                 chosen.append(("CUDAExecutionProvider", {"device_id": device}))
         return chosen + ["CPUExecutionProvider"]

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
+from core.runtimes import open_session
 from export.onnx_export import ExportConfig, export_onnx
 from export.quantize import build_int8_dynamic
+from recipes import build_recipe
 from serving import client, repository
-from core.runtimes import open_session
 from serving.repository import ServingConfig
 from tests.conftest import TINY_DIGITS
-from recipes import build_recipe
 
 pytestmark = pytest.mark.integration
 

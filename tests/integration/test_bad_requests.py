@@ -53,25 +53,72 @@ def _image(shape, value=0.5, dtype=np.float32) -> dict[str, np.ndarray]:
 # (id, family, request, by, what the message must say); by: "triton" (its core) or "model" (our Python backend)
 BAD_REQUESTS = [
     ("gpt-missing-input", "gpt", {}, "triton", ["missing required input(s) ['tokens']"]),
-    ("gpt-misnamed-input", "gpt", {"tokenz": np.zeros((1, 8), np.int64)}, "triton", ["unexpected inference input 'tokenz'"]),
+    (
+        "gpt-misnamed-input",
+        "gpt",
+        {"tokenz": np.zeros((1, 8), np.int64)},
+        "triton",
+        ["unexpected inference input 'tokenz'"],
+    ),
     ("gpt-unexpected-input", "gpt", {**_tokens((1, 8)), "extra": np.zeros((1, 2), np.float32)}, "triton", ["'extra'"]),
-    ("gpt-wrong-dtype", "gpt", _tokens((1, 8), dtype=np.float32), "triton", ["input 'tokens' data-type is 'FP32'", "'INT64'"]),
+    (
+        "gpt-wrong-dtype",
+        "gpt",
+        _tokens((1, 8), dtype=np.float32),
+        "triton",
+        ["input 'tokens' data-type is 'FP32'", "'INT64'"],
+    ),
     ("gpt-wrong-rank", "gpt", _tokens((1, 8, 1)), "triton", ["unexpected shape for input 'tokens'", "got [1,8,1]"]),
     ("gpt-empty-batch", "gpt", _tokens((0, 8)), "triton", ["input 'tokens'"]),
     ("gpt-batch-over-max", "gpt", _tokens((5, 8)), "triton", ["batch-size must be <= 4"]),
     ("gpt-empty-context", "gpt", _tokens((1, 0)), "model", ["input 'tokens' has shape [1, 0]", "any size >= 1"]),
-    ("gpt-context-too-long", "gpt", _tokens((1, CONTEXT + 8)), "model",
-     [f"input 'tokens' has shape [1, {CONTEXT + 8}]", f"expected at most [{CONTEXT}] per sample"]),
-    ("gpt-id-over-vocabulary", "gpt", _tokens((1, 8), 300), "model", ["input 'tokens' has values in [300, 300]", "[0, 255]"]),
+    (
+        "gpt-context-too-long",
+        "gpt",
+        _tokens((1, CONTEXT + 8)),
+        "model",
+        [f"input 'tokens' has shape [1, {CONTEXT + 8}]", f"expected at most [{CONTEXT}] per sample"],
+    ),
+    (
+        "gpt-id-over-vocabulary",
+        "gpt",
+        _tokens((1, 8), 300),
+        "model",
+        ["input 'tokens' has values in [300, 300]", "[0, 255]"],
+    ),
     ("gpt-negative-id", "gpt", _tokens((1, 8), -1), "model", ["input 'tokens' has values in [-1, -1]", "[0, 255]"]),
     ("digits-missing-input", "digits", {}, "triton", ["missing required input(s) ['image']"]),
-    ("digits-wrong-dtype", "digits", _image((1, 1, 8, 8), dtype=np.float64), "triton", ["input 'image' data-type is 'FP64'"]),
-    ("digits-wrong-shape", "digits", _image((1, 1, 8, 7)), "triton", ["unexpected shape for input 'image'", "got [1,1,8,7]"]),
+    (
+        "digits-wrong-dtype",
+        "digits",
+        _image((1, 1, 8, 8), dtype=np.float64),
+        "triton",
+        ["input 'image' data-type is 'FP64'"],
+    ),
+    (
+        "digits-wrong-shape",
+        "digits",
+        _image((1, 1, 8, 7)),
+        "triton",
+        ["unexpected shape for input 'image'", "got [1,1,8,7]"],
+    ),
     ("digits-wrong-rank", "digits", _image((1, 8, 8)), "triton", ["unexpected shape for input 'image'", "got [1,8,8]"]),
     ("digits-empty-batch", "digits", _image((0, 1, 8, 8)), "triton", ["input 'image'"]),
     ("digits-batch-over-max", "digits", _image((17, 1, 8, 8)), "triton", ["batch-size must be <= 16"]),
-    ("digits-value-over-range", "digits", _image((1, 1, 8, 8), 2.0), "model", ["input 'image' has values in", "[0.0, 1.0]"]),
-    ("digits-nan", "digits", _image((1, 1, 8, 8), np.nan), "model", ["input 'image' has values in [nan, nan]", "[0.0, 1.0]"]),
+    (
+        "digits-value-over-range",
+        "digits",
+        _image((1, 1, 8, 8), 2.0),
+        "model",
+        ["input 'image' has values in", "[0.0, 1.0]"],
+    ),
+    (
+        "digits-nan",
+        "digits",
+        _image((1, 1, 8, 8), np.nan),
+        "model",
+        ["input 'image' has values in [nan, nan]", "[0.0, 1.0]"],
+    ),
 ]
 
 
@@ -95,14 +142,20 @@ def served(triton_server, tmp_path_factory) -> dict[str, str]:
     same GPT served without value ranges or maximum lengths (`gpt-unguarded`, alias `unguarded`), so requests our
     model would refuse reach ONNX Runtime and fail inside it. Returns the ONNX files by recipe."""
     folder = tmp_path_factory.mktemp("bad-requests")
-    files = {"gpt": _export(build_recipe("stdlib-gpt", TINY_GPT), folder / "gpt"),
-             "digits": _export(build_recipe("digits-cnn", TINY_DIGITS), folder / "digits")}
+    files = {
+        "gpt": _export(build_recipe("stdlib-gpt", TINY_GPT), folder / "gpt"),
+        "digits": _export(build_recipe("digits-cnn", TINY_DIGITS), folder / "digits"),
+    }
     _deploy(triton_server, "gpt-fp32", files["gpt"], GPT_SERVING, alias="gpt")
     _deploy(triton_server, "digits-fp32", files["digits"], DIGITS_SERVING, alias="digits")
     _deploy(triton_server, "gpt-unguarded", files["gpt"], ServingConfig(max_batch_size=4), alias="unguarded")
     # two requests fill a batch at once; a lone one would wait 2 s for a partner
-    _deploy(triton_server, "gpt-unguarded-batched", files["gpt"],
-            ServingConfig(max_batch_size=2, max_queue_delay_microseconds=2_000_000))
+    _deploy(
+        triton_server,
+        "gpt-unguarded-batched",
+        files["gpt"],
+        ServingConfig(max_batch_size=2, max_queue_delay_microseconds=2_000_000),
+    )
     return files
 
 
@@ -159,11 +212,17 @@ def test_a_bad_request_is_a_client_error_naming_the_input(
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("model", ["gpt-unguarded", "unguarded"])
-@pytest.mark.parametrize("inputs, runtime_says", [
-    (_tokens((1, 8), 300), "indices element out of data bounds"),  # the embedding's Gather, on an id it lacks
-    (_tokens((1, CONTEXT + 8)), "broadcast"),  # the position embedding is CONTEXT long
-], ids=["id-over-vocabulary", "context-too-long"])
-def test_a_failure_inside_the_runtime_stays_a_server_error(triton_server, served, protocol, model, inputs, runtime_says):
+@pytest.mark.parametrize(
+    "inputs, runtime_says",
+    [
+        (_tokens((1, 8), 300), "indices element out of data bounds"),  # the embedding's Gather, on an id it lacks
+        (_tokens((1, CONTEXT + 8)), "broadcast"),  # the position embedding is CONTEXT long
+    ],
+    ids=["id-over-vocabulary", "context-too-long"],
+)
+def test_a_failure_inside_the_runtime_stays_a_server_error(
+    triton_server, served, protocol, model, inputs, runtime_says
+):
     """Without value ranges and maximum lengths in its config, our model cannot refuse these; ONNX Runtime raises
     while running them, which is the server's failure (500 / INTERNAL), not the client's, and harms nothing else."""
     error = _refusal(triton_server, protocol, model, inputs)
@@ -192,8 +251,10 @@ def test_a_runtime_failure_in_a_batch_fails_only_its_own_request(triton_server, 
             answers[tag] = error
 
     before = counts()
-    senders = [threading.Thread(target=send, args=("good", good)),
-               threading.Thread(target=send, args=("bad", _tokens((1, 8), 300)))]
+    senders = [
+        threading.Thread(target=send, args=("good", good)),
+        threading.Thread(target=send, args=("bad", _tokens((1, 8), 300))),
+    ]
     for sender in senders:
         sender.start()
     for sender in senders:

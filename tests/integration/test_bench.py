@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import InferenceError, ServerError, TesError
 from bench import loadgen, senders
+from core.errors import InferenceError, ServerError, TesError
 from serving import client, repository, triton
 from serving.repository import ServingConfig
 from tests.conftest import serve_tiny_digits
@@ -29,7 +29,9 @@ def freeze(pid: int) -> None:
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()]
+        states = [
+            (task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").iterdir()
+        ]
         if all(state in ("T", "t") for state in states):
             return
         time.sleep(0.01)
@@ -144,7 +146,9 @@ def test_a_server_frozen_during_a_benchmark_ends_it_with_an_error_not_a_hang(pri
 
     def run() -> None:
         try:
-            outcome["point"] = loadgen.measure(private_server.grpc_url, "grpc", "digits", digits[1], concurrency=2, settings=settings)
+            outcome["point"] = loadgen.measure(
+                private_server.grpc_url, "grpc", "digits", digits[1], concurrency=2, settings=settings
+            )
         except TesError as error:  # the assertions below say which
             outcome["error"] = error
 

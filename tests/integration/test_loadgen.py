@@ -9,8 +9,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from core.errors import InferenceError, ServerError
 from bench import loadgen
+from core.errors import InferenceError, ServerError
 from serving import client, triton
 from tests.conftest import serve_tiny_digits
 
@@ -49,7 +49,9 @@ def test_open_loop_offers_the_rate_it_was_asked(triton_server, digits):
 
 def test_all_zero_inputs_are_refused(triton_server):
     with pytest.raises(ValueError, match="real samples"):
-        loadgen.measure(triton_server.grpc_url, "grpc", "digits", [{"image": np.zeros((1, 1, 8, 8), np.float32)}], concurrency=1)
+        loadgen.measure(
+            triton_server.grpc_url, "grpc", "digits", [{"image": np.zeros((1, 1, 8, 8), np.float32)}], concurrency=1
+        )
 
 
 def test_a_stopped_server_gives_a_clear_error_quickly(tmp_path, digits):
@@ -73,8 +75,8 @@ SLOWER_AND_SLOWER = textwrap.dedent('''
 
         def execute(self, requests):
             time.sleep(0.002 + 0.004 * (time.monotonic() - self.loaded))
-            return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
-                    for r in requests]
+            echo = [pb_utils.get_input_tensor_by_name(r, "x").as_numpy() for r in requests]
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("y", x)]) for x in echo]
 ''')
 
 
@@ -88,6 +90,8 @@ def test_windows_that_disagree_are_reported_unstable(triton_server):
     (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
     client.load_model(triton_server.http_url, "slower")
     settings = loadgen.LoadSettings(window_s=0.5, warmup_s=0.2, max_windows=5, stability=0.1)
-    point = loadgen.measure(triton_server.grpc_url, "grpc", "slower", [{"x": np.ones(1, np.float32)}], concurrency=1, settings=settings)
+    point = loadgen.measure(
+        triton_server.grpc_url, "grpc", "slower", [{"x": np.ones(1, np.float32)}], concurrency=1, settings=settings
+    )
     assert not point.stable and point.windows == 5
     assert any(w.startswith("unstable") for w in point.warnings)

@@ -20,10 +20,10 @@ from tritonclient.utils import InferenceServerException
 
 from core.errors import InferenceError, ServerError
 from export.onnx_export import ExportConfig, export_onnx
+from recipes import build_recipe
 from serving import client, repository, triton
 from serving.repository import ServingConfig
 from tests.conftest import TINY_GPT
-from recipes import build_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -64,21 +64,28 @@ def _url(server, protocol: str) -> str:
 
 
 def _ready_versions(server) -> list[str]:
-    return sorted(e["version"] for e in client.model_states(server.http_url, KEY) if e["name"] == MODEL and e.get("state") == "READY")
+    return sorted(
+        e["version"]
+        for e in client.model_states(server.http_url, KEY)
+        if e["name"] == MODEL and e.get("state") == "READY"
+    )
 
 
 # 1. Bad requests are refused cleanly, naming the tensor, and the server stays healthy --------------------------
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("bad, expected", [
-    ({}, "tokens"),                                                                         # missing input
-    ({"tokenz": np.zeros((1, 8), np.int64)}, "tokenz"),                                    # misnamed input
-    ({"tokens": np.zeros((1, 8), np.int64), "extra": np.zeros((1, 2), np.float32)}, "extra"),  # unexpected input
-    ({"tokens": np.zeros((0, 8), np.int64)}, "tokens"),                                    # empty batch
-    ({"tokens": np.zeros((5, 8), np.int64)}, "batch"),                                     # batch over max_batch_size=4
-    ({"tokens": np.zeros((1, 8), np.float32)}, "FP32"),                                    # wrong dtype
-    ({"tokens": np.full((1, 8), 300, np.int64)}, "expected values in [0, 255]"),            # id outside the vocabulary
-    ({"tokens": np.zeros((1, 40), np.int64)}, "expected at most [32]"),                     # context over the maximum
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ({}, "tokens"),  # missing input
+        ({"tokenz": np.zeros((1, 8), np.int64)}, "tokenz"),  # misnamed input
+        ({"tokens": np.zeros((1, 8), np.int64), "extra": np.zeros((1, 2), np.float32)}, "extra"),  # unexpected input
+        ({"tokens": np.zeros((0, 8), np.int64)}, "tokens"),  # empty batch
+        ({"tokens": np.zeros((5, 8), np.int64)}, "batch"),  # batch over max_batch_size=4
+        ({"tokens": np.zeros((1, 8), np.float32)}, "FP32"),  # wrong dtype
+        ({"tokens": np.full((1, 8), 300, np.int64)}, "expected values in [0, 255]"),  # id outside the vocabulary
+        ({"tokens": np.zeros((1, 40), np.int64)}, "expected at most [32]"),  # context over the maximum
+    ],
+)
 def test_bad_request_is_refused_and_the_next_good_one_succeeds(locked, protocol, bad, expected):
     with pytest.raises(InferenceError) as caught:
         client.infer(_url(locked, protocol), MODEL, bad, protocol)
@@ -171,7 +178,9 @@ repository.write_version(sys.argv[1], "gpt", sys.argv[2], repository.ServingConf
 def test_a_deployment_killed_midway_leaves_nothing_half_written(locked, onnx_file):
     folder = Path(locked.repository) / MODEL
     before, serving_before = repository.versions(folder), _ready_versions(locked)
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, locked.repository, onnx_file], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, locked.repository, onnx_file], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert writer.stdout.readline().strip() == "copied"
         writer.send_signal(signal.SIGKILL)
@@ -190,8 +199,12 @@ def test_a_deployment_killed_midway_leaves_nothing_half_written(locked, onnx_fil
 def slow(locked, tmp_path_factory) -> str:
     """A model wide enough that one request takes milliseconds, one at a time, with room for one waiting request."""
     recipe = build_recipe("stdlib-gpt", {**TINY_GPT, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128})
-    onnx_path = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp("slow"),
-                            ExportConfig(verify_batch_sizes=(1,), verify_samples=1)).output.onnx
+    onnx_path = export_onnx(
+        recipe,
+        recipe.build_model(),
+        tmp_path_factory.mktemp("slow"),
+        ExportConfig(verify_batch_sizes=(1,), verify_samples=1),
+    ).output.onnx
     config = ServingConfig(max_batch_size=1, max_queue_size=1, max_queue_delay_microseconds=0)
     repository.write_version(locked.repository, "slow", onnx_path, config)
     client.load_model(locked.http_url, "slow", admin_key=KEY)
@@ -233,7 +246,10 @@ def test_a_full_queue_rejects_requests_fast(locked, slow):
 
 # 10. Locked down by default: the repository API needs the key, inference does not --------------------------------
 def test_unload_without_the_key_fails_while_inference_works(locked):
-    for control in (httpclient.InferenceServerClient(locked.http_url), grpcclient.InferenceServerClient(locked.grpc_url)):
+    for control in (
+        httpclient.InferenceServerClient(locked.http_url),
+        grpcclient.InferenceServerClient(locked.grpc_url),
+    ):
         with pytest.raises(InferenceServerException, match="restricted"):
             control.unload_model(MODEL)
         control.close()
@@ -241,8 +257,11 @@ def test_unload_without_the_key_fails_while_inference_works(locked):
     for protocol in ("http", "grpc"):
         assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol)["logits"].shape == (1, 256)
     assert locked.host == "127.0.0.1"
-    listening = {c.laddr.ip.removeprefix("::ffff:") for c in psutil.Process(locked.pid).net_connections()
-                 if c.status == psutil.CONN_LISTEN}
+    listening = {
+        c.laddr.ip.removeprefix("::ffff:")
+        for c in psutil.Process(locked.pid).net_connections()
+        if c.status == psutil.CONN_LISTEN
+    }
     assert listening == {"127.0.0.1"}
 
 

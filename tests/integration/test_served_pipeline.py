@@ -1,11 +1,10 @@
 """The whole pipeline in-process against a real Triton: served answers match ONNX Runtime and torch."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-import json
 
 from bench.stage import BenchmarkOptions, run_benchmark
 from core.errors import InferenceError
@@ -21,15 +20,26 @@ pytestmark = pytest.mark.integration
 # digits-cnn goes through every precision variant with both gates opened wide (the gates have their own tests),
 # so every variant is deployed and served; stdlib-gpt deploys FP32 only, so its alias must agree with torch exactly.
 CASES = {
-    "digits-cnn": {"recipe": "digits-cnn", "digits_cnn": TINY_DIGITS,
-                   "training": {"steps": 60, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 128},
-                   "precision": {"accuracy_budget": 1.0, "min_speedup": 0.0, "calibration_samples": 32,
-                                 "score_samples": 128, "speed_repeats": 3},
-                   "benchmark": {"protocols": ["grpc", "http"], "concurrencies": [2], "samples": 16}},
-    "stdlib-gpt": {"recipe": "stdlib-gpt", "stdlib_gpt": TINY_GPT,
-                   "training": {"steps": 20, "eval_every": 1000, "eval_samples": 64},
-                   "precision": {"variants": ["fp32"], "score_samples": 64, "speed_repeats": 3},
-                   "benchmark": {"enabled": False}},
+    "digits-cnn": {
+        "recipe": "digits-cnn",
+        "digits_cnn": TINY_DIGITS,
+        "training": {"steps": 60, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 128},
+        "precision": {
+            "accuracy_budget": 1.0,
+            "min_speedup": 0.0,
+            "calibration_samples": 32,
+            "score_samples": 128,
+            "speed_repeats": 3,
+        },
+        "benchmark": {"protocols": ["grpc", "http"], "concurrencies": [2], "samples": 16},
+    },
+    "stdlib-gpt": {
+        "recipe": "stdlib-gpt",
+        "stdlib_gpt": TINY_GPT,
+        "training": {"steps": 20, "eval_every": 1000, "eval_samples": 64},
+        "precision": {"variants": ["fp32"], "score_samples": 64, "speed_repeats": 3},
+        "benchmark": {"enabled": False},
+    },
 }
 
 
@@ -38,8 +48,14 @@ def runs(triton_server, tmp_path_factory):
     """Each recipe run once through the pipeline, deployed into the module's Triton."""
     results = {}
     for name, overrides in CASES.items():
-        params = parse_params({**overrides, "runs_dir": str(tmp_path_factory.mktemp("runs")), "repository": triton_server.repository,
-                               "serving": {"triton_url": triton_server.http_url, "triton_grpc_url": triton_server.grpc_url}})
+        params = parse_params(
+            {
+                **overrides,
+                "runs_dir": str(tmp_path_factory.mktemp("runs")),
+                "repository": triton_server.repository,
+                "serving": {"triton_url": triton_server.http_url, "triton_grpc_url": triton_server.grpc_url},
+            }
+        )
         results[name] = (params, run_pipeline(params))
     return results
 
@@ -47,7 +63,9 @@ def runs(triton_server, tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_pipeline_deploys_a_ready_version_and_checks_it_over_both_protocols(runs, triton_server, name):
     _, summary = runs[name]
-    assert [s.status.value for s in (summary.train, summary.export, summary.precision, summary.deploy, summary.served_check)] == ["ok"] * 5
+    assert [
+        s.status.value for s in (summary.train, summary.export, summary.precision, summary.deploy, summary.served_check)
+    ] == ["ok"] * 5
     assert summary.benchmark.status.value == ("ok" if name == "digits-cnn" else "skipped")
     deploy = summary.deploy.output
     assert deploy.loaded and deploy.ready_version == str(deploy.version)
@@ -91,14 +109,19 @@ def test_a_changed_run_rolls_the_model_to_the_next_version(runs, triton_server):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("bad, message", [
-    ({"tokens": np.zeros((1, 8), np.int32)}, "INT32"),                      # wrong dtype: Triton itself refuses
-    ({"tokens": np.full((1, 8), 256, np.int64)}, "expected values in [0, 255]"),
-    ({"tokens": np.full((1, 8), -1, np.int64)}, "expected values in [0, 255]"),
-    ({"tokens": np.zeros((1, 33), np.int64)}, "expected at most [32] per sample"),
-    ({"tokens": np.zeros((1, 4, 2), np.int64)}, "tokens"),                   # wrong rank
-])
-def test_bad_requests_are_refused_naming_the_tensor_and_the_server_stays_healthy(runs, triton_server, protocol, bad, message):
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"tokens": np.zeros((1, 8), np.int32)}, "INT32"),  # wrong dtype: Triton itself refuses
+        ({"tokens": np.full((1, 8), 256, np.int64)}, "expected values in [0, 255]"),
+        ({"tokens": np.full((1, 8), -1, np.int64)}, "expected values in [0, 255]"),
+        ({"tokens": np.zeros((1, 33), np.int64)}, "expected at most [32] per sample"),
+        ({"tokens": np.zeros((1, 4, 2), np.int64)}, "tokens"),  # wrong rank
+    ],
+)
+def test_bad_requests_are_refused_naming_the_tensor_and_the_server_stays_healthy(
+    runs, triton_server, protocol, bad, message
+):
     url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
     with pytest.raises(InferenceError) as caught:
         client.infer(url, "stdlib-gpt", bad, protocol)
@@ -110,7 +133,11 @@ def test_bad_requests_are_refused_naming_the_tensor_and_the_server_stays_healthy
 def test_a_rerun_with_the_same_inputs_repeats_no_work(runs, triton_server):
     params, first = runs["stdlib-gpt"]
     again = run_pipeline(params)
-    for stage, earlier in ((again.train, first.train), (again.export, first.export), (again.precision, first.precision)):
+    for stage, earlier in (
+        (again.train, first.train),
+        (again.export, first.export),
+        (again.precision, first.precision),
+    ):
         assert stage.reason.startswith("cached:") and stage.seconds == 0.0
         assert stage.artifacts == earlier.artifacts  # the same files, checksummed
         assert stage.output == earlier.output
@@ -138,8 +165,14 @@ def test_the_benchmark_stage_writes_every_output(runs):
 def test_configuration_sweep_finds_and_applies_the_best(runs, triton_server, tmp_path):
     params, summary = runs["digits-cnn"]
     options = BenchmarkOptions(protocols=("grpc",), concurrencies=(1,), samples=16, sweep_configs=True, apply_best=True)
-    result = run_benchmark("digits-cnn", options, triton_server.endpoint(), repository_path=triton_server.repository,
-                           out_dir=tmp_path, progress=lambda _: None)
+    result = run_benchmark(
+        "digits-cnn",
+        options,
+        triton_server.endpoint(),
+        repository_path=triton_server.repository,
+        out_dir=tmp_path,
+        progress=lambda _: None,
+    )
     sweep = result.config_sweep
     assert len(sweep) == 5 and sweep[0]["throughput"] == max(r["throughput"] for r in sweep)
     applied = result.applied
@@ -155,11 +188,22 @@ def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):
     _, summary = runs["stdlib-gpt"]
     ledger = json.loads(Path(summary.ledger["json"]).read_text())
     entries = {entry["stage"]: entry for entry in ledger["entries"]}
-    assert list(entries) == ["train", "export", "precision", "tensorrt", "deploy", "served_check", "benchmark", "precision:fp32"]
+    assert list(entries) == [
+        "train",
+        "export",
+        "precision",
+        "tensorrt",
+        "deploy",
+        "served_check",
+        "benchmark",
+        "precision:fp32",
+    ]
     assert entries["tensorrt"]["notes"][0].startswith("skipped: ")  # no TensorRT, no GPU here
     assert entries["benchmark"]["notes"] == ["skipped: benchmark.enabled is false"]
     train = entries["train"]
-    assert train["flops"] > 0 and "FlopCounterMode" in train["flops_method"] and any("6·N·D" in n for n in train["notes"])
+    assert (
+        train["flops"] > 0 and "FlopCounterMode" in train["flops_method"] and any("6·N·D" in n for n in train["notes"])
+    )
     assert train["achieved_flops_per_s"] > 0 and train["peak_flops_per_s"] and 0 < train["utilization"] < 1
     for entry in entries.values():
         assert entry["wall_s"] >= 0 and entry["peak_host_mb"] > 0 and entry["cost_usd"] >= 0
@@ -179,5 +223,10 @@ def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
     assert {(row["protocol"], row["load"]) for row in ledger["serving"]} == {("grpc", 2.0), ("http", 2.0)}
     assert all(row["energy_kind"] == "estimated" and row["joules_per_inference"] > 0 for row in ledger["serving"])
     measured = {v.name for v in summary.precision.output.variants if v.throughput_per_s > 0}
-    assert {"int8-dynamic", "int8-static", "fp16", "openvino-int8"} <= measured  # openvino-bf16 only where the CPU has bf16
+    assert {
+        "int8-dynamic",
+        "int8-static",
+        "fp16",
+        "openvino-int8",
+    } <= measured  # openvino-bf16 only where the CPU has bf16
     assert {row["variant"] for row in ledger["payback"]} == measured - {"fp32"}

@@ -6,14 +6,14 @@ import time
 import pytest
 import torch
 
-from core.errors import InferenceError
-from export.onnx_export import ExportConfig, export_onnx
-from serving import client, repository, triton
-from core.runtimes import open_session
-from serving.repository import ServingConfig
 from bench.soak import soak
-from tests.conftest import TINY_GPT
+from core.errors import InferenceError
+from core.runtimes import open_session
+from export.onnx_export import ExportConfig, export_onnx
 from recipes import build_recipe
+from serving import client, repository, triton
+from serving.repository import ServingConfig
+from tests.conftest import TINY_GPT
 
 pytestmark = pytest.mark.integration
 

@@ -18,13 +18,22 @@ from serving import client, triton
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
-TINY = ["--param", "recipe=digits-cnn", "--param", 'digits_cnn={"channels": 8, "hidden": 32}',
-        "--param", 'training={"steps": 40, "learning_rate": 0.01, "eval_every": 1000, "eval_samples": 128}',
-        "--param", 'precision={"calibration_samples": 32, "score_samples": 128, "speed_repeats": 5}']
+TINY = [
+    "--param",
+    "recipe=digits-cnn",
+    "--param",
+    'digits_cnn={"channels": 8, "hidden": 32}',
+    "--param",
+    'training={"steps": 40, "learning_rate": 0.01, "eval_every": 1000, "eval_samples": 128}',
+    "--param",
+    'precision={"calibration_samples": 32, "score_samples": 128, "speed_repeats": 5}',
+]
 
 
 def _flow_run_count(api_url: str) -> int:
-    request = urllib.request.Request(f"{api_url}/flow_runs/count", data=b"{}", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{api_url}/flow_runs/count", data=b"{}", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return int(json.loads(response.read()))
 
@@ -34,13 +43,31 @@ def _stack(home: Path):
     """`tes up` on free ports in `home`, yielding (environment, stack state); stops every process it started."""
     env = {**os.environ, "TES_HOME": str(home)}
     ports = [str(triton.free_port()) for _ in range(4)]
-    up = subprocess.run([str(BIN / "tes"), "up", "--prefect-port", ports[0], "--http-port", ports[1],
-                         "--grpc-port", ports[2], "--metrics-port", ports[3]], env=env, capture_output=True, text=True, timeout=300)
+    up = subprocess.run(
+        [
+            str(BIN / "tes"),
+            "up",
+            "--prefect-port",
+            ports[0],
+            "--http-port",
+            ports[1],
+            "--grpc-port",
+            ports[2],
+            "--metrics-port",
+            ports[3],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     state_path = home / ".tes" / "stack.json"
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         state = json.loads(state_path.read_text())
-        prefect_env = subprocess.run([str(BIN / "tes"), "env"], env=env, capture_output=True, text=True, check=True).stdout
+        prefect_env = subprocess.run(
+            [str(BIN / "tes"), "env"], env=env, capture_output=True, text=True, check=True
+        ).stdout
         for line in prefect_env.splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
@@ -61,8 +88,13 @@ def stack(tmp_path_factory):
 
 
 def _deployment_run(env: dict, *params: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "prefect"), "deployment", "run", "train-export-serve/default", "--watch", *params],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "train-export-serve/default", "--watch", *params],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_deployment_run_trains_exports_and_serves(stack):
@@ -71,11 +103,19 @@ def test_deployment_run_trains_exports_and_serves(stack):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
     url = f"127.0.0.1:{state['triton']['http_port']}"
-    ready = {e["name"]: e["version"] for e in client.model_states(url, state["triton"]["admin_key"]) if e.get("state") == "READY"}
+    ready = {
+        e["name"]: e["version"]
+        for e in client.model_states(url, state["triton"]["admin_key"])
+        if e.get("state") == "READY"
+    }
     assert ready["digits-cnn"] == "1" and ready["digits-cnn-fp32"] == "1"
-    summary = json.loads((Path(json.loads((home / ".tes" / "last-run.json").read_text())["run_dir"]) / "summary.json").read_text())
+    summary = json.loads(
+        (Path(json.loads((home / ".tes" / "last-run.json").read_text())["run_dir"]) / "summary.json").read_text()
+    )
     served = summary["served_check"]["output"]
-    assert served["protocols"]["grpc"]["max_abs_diff_vs_in_process"] <= 1e-5 and served["variants"]["fp32"]["grpc"] <= 1e-5
+    assert (
+        served["protocols"]["grpc"]["max_abs_diff_vs_in_process"] <= 1e-5 and served["variants"]["fp32"]["grpc"] <= 1e-5
+    )
     assert served["protocols"]["grpc"]["top1_agreement_with_torch"] >= 0.9
 
 
@@ -95,7 +135,12 @@ def test_tes_down_leaves_no_process_and_no_port(tmp_path):
         subprocess.run([str(BIN / "tes"), "down"], env=env, check=True, capture_output=True, timeout=120)
         for part in ("prefect", "runner", "triton"):
             assert not triton.pid_alive(state[part]["pid"]), part
-        ports = (state["prefect"]["port"], state["triton"]["http_port"], state["triton"]["grpc_port"], state["triton"]["metrics_port"])
+        ports = (
+            state["prefect"]["port"],
+            state["triton"]["http_port"],
+            state["triton"]["grpc_port"],
+            state["triton"]["metrics_port"],
+        )
         for port in ports:
             assert triton.port_is_free(port), port
         assert not (tmp_path / ".tes" / "stack.json").exists()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from core.errors import InferenceError
-from bench.senders import HttpSender, decode_answer
 from bench.loadgen import PERCENTILES, LoadSettings, Window, _merge, percentile_ci
+from bench.senders import HttpSender, decode_answer
+from core.errors import InferenceError
 
 SETTINGS = LoadSettings(stability=0.1)
 
@@ -18,7 +18,9 @@ def window(requests: int, p50_ms: float, server_ns: float = 0.0, cpu_s: float = 
     """One second of `requests` answers around `p50_ms`; the server spent `server_ns` per request in each part."""
     latencies = list(np.linspace(p50_ms * (1 - spread), p50_ms * (1 + spread), requests))
     server = {part: server_ns * requests for part in ("queue", "compute_input", "compute_infer", "compute_output")}
-    return Window(seconds=1.0, latencies_ms=latencies, errors=0, server=server | {"count": float(requests)}, client_cpu_s=cpu_s)
+    return Window(
+        seconds=1.0, latencies_ms=latencies, errors=0, server=server | {"count": float(requests)}, client_cpu_s=cpu_s
+    )
 
 
 def test_a_point_is_made_of_the_last_three_windows_only():
@@ -42,7 +44,9 @@ def test_windows_that_keep_drifting_are_flagged_unstable_and_still_reported():
 def test_server_split_is_per_request_in_microseconds():
     windows = [window(100, 5.0, server_ns=250_000.0) for _ in range(3)]
     point = _merge("m", "http", "concurrency", 1, windows, SETTINGS)
-    assert point.server_us == {part: pytest.approx(250.0) for part in ("queue", "compute_input", "compute_infer", "compute_output")}
+    assert point.server_us == {
+        part: pytest.approx(250.0) for part in ("queue", "compute_input", "compute_infer", "compute_output")
+    }
     assert sum(point.server_us.values()) / 1e3 <= point.latency_ms["mean"]
 
 
@@ -87,11 +91,21 @@ def test_http_requests_are_a_json_header_then_the_raw_tensors_and_answers_decode
     length = int(headers["Inference-Header-Content-Length"])
     header = json.loads(body[:length])
     assert header["parameters"] == {"binary_data_output": True}
-    assert [(t["name"], t["shape"], t["datatype"]) for t in header["inputs"]] == [("tokens", [1, 3], "INT64"), ("mask", [1, 3], "FP32")]
+    assert [(t["name"], t["shape"], t["datatype"]) for t in header["inputs"]] == [
+        ("tokens", [1, 3], "INT64"),
+        ("mask", [1, 3], "FP32"),
+    ]
     assert body[length:] == case["tokens"].tobytes() + case["mask"].tobytes()
 
-    outputs = [{"name": name, "datatype": t["datatype"], "shape": t["shape"], "parameters": {"binary_data_size": len(array.tobytes())}}
-               for (name, array), t in zip(case.items(), header["inputs"])]
+    outputs = [
+        {
+            "name": name,
+            "datatype": t["datatype"],
+            "shape": t["shape"],
+            "parameters": {"binary_data_size": len(array.tobytes())},
+        }
+        for (name, array), t in zip(case.items(), header["inputs"])
+    ]
     answer = json.dumps({"model_name": "m", "outputs": outputs}).encode() + body[length:]
     decoded = decode_answer("http", answer)
     for name, array in case.items():
@@ -132,11 +146,20 @@ def _one_shot_server(responses: list[bytes]):
 
 def test_http_sender_reads_sized_and_chunked_answers_and_reconnects_after_close():
     case = {"x": np.array([[1.0, 2.0]], dtype=np.float32)}
-    header = json.dumps({"outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]}).encode()
+    header = json.dumps(
+        {"outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]}
+    ).encode()
     answer = header + case["x"].tobytes()
     sized = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer
-    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-               + b"%x\r\n" % 10 + answer[:10] + b"\r\n" + b"%x;ext=1\r\n" % (len(answer) - 10) + answer[10:] + b"\r\n0\r\n\r\n")
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n" % 10
+        + answer[:10]
+        + b"\r\n"
+        + b"%x;ext=1\r\n" % (len(answer) - 10)
+        + answer[10:]
+        + b"\r\n0\r\n\r\n"
+    )
     refused = b'HTTP/1.1 400 Bad Request\r\nContent-Length: 24\r\n\r\n{"error": "bad input x"}'
     url, requests = _one_shot_server([sized, chunked, refused])
     sender = HttpSender(url, "m", [case], timeout_s=5)
@@ -147,4 +170,6 @@ def test_http_sender_reads_sized_and_chunked_answers_and_reconnects_after_close(
             sender.send(0)  # on a new connection
     finally:
         sender.close()
-    assert all(r.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n") and r.endswith(case["x"].tobytes()) for r in requests)
+    assert all(
+        r.startswith(b"POST /v2/models/m/infer HTTP/1.1\r\n") and r.endswith(case["x"].tobytes()) for r in requests
+    )

@@ -20,23 +20,58 @@ from core.errors import EngineMismatch, RecipeError, RepositoryError
 from flows.cli import COMMANDS, main
 from tests.conftest import TINY_DIGITS, TINY_GPT
 
-TINY_RUN = {"recipe": "digits-cnn", "digits_cnn": TINY_DIGITS,
-            "training": {"steps": 20, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 64},
-            "precision": {"variants": ["fp32", "int8-dynamic"], "calibration_samples": 16, "score_samples": 64,
-                          "speed_repeats": 3, "accuracy_budget": 1.0, "min_speedup": 0.0},
-            "serving": {"load": False}, "benchmark": {"enabled": False}}
+TINY_RUN = {
+    "recipe": "digits-cnn",
+    "digits_cnn": TINY_DIGITS,
+    "training": {"steps": 20, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 64},
+    "precision": {
+        "variants": ["fp32", "int8-dynamic"],
+        "calibration_samples": 16,
+        "score_samples": 64,
+        "speed_repeats": 3,
+        "accuracy_budget": 1.0,
+        "min_speedup": 0.0,
+    },
+    "serving": {"load": False},
+    "benchmark": {"enabled": False},
+}
 
 OPTIONS = {  # every command and the options README.md documents (or the old argparse CLI had)
     "up": ["--prefect-port", "--http-port", "--grpc-port", "--metrics-port"],
-    "down": [], "status": [], "env": [],
-    "run": ["--param", "--params"], "demo": ["--param", "--params"],
+    "down": [],
+    "status": [],
+    "env": [],
+    "run": ["--param", "--params"],
+    "demo": ["--param", "--params"],
     "infer": ["MODEL", "--text", "--sample", "--input", "--dtype", "--protocol", "--url"],
     "complete": ["PROMPT", "--model", "--max-bytes", "--temperature", "--seed", "--protocol", "--url"],
-    "bench": ["MODEL", "--url", "--grpc-url", "--protocol", "--thorough", "--concurrency", "--rate", "--p99-budget-ms",
-              "--sweep-configs", "--apply-best", "--out"],
-    "report": ["RUN"], "variants": ["RUN"], "ledger": ["RUN"],
-    "export-repository": ["OUT", "--run", "--model", "--cpu", "--target-tensorrt", "--target-cc", "--no-engines",
-                          "--rebuild", "--engine-dir"],
+    "bench": [
+        "MODEL",
+        "--url",
+        "--grpc-url",
+        "--protocol",
+        "--thorough",
+        "--concurrency",
+        "--rate",
+        "--p99-budget-ms",
+        "--sweep-configs",
+        "--apply-best",
+        "--out",
+    ],
+    "report": ["RUN"],
+    "variants": ["RUN"],
+    "ledger": ["RUN"],
+    "export-repository": [
+        "OUT",
+        "--run",
+        "--model",
+        "--cpu",
+        "--target-tensorrt",
+        "--target-cc",
+        "--no-engines",
+        "--rebuild",
+        "--engine-dir",
+    ],
     "scaling": ["--widths", "--steps", "--layers"],
 }
 
@@ -190,8 +225,13 @@ def test_complete_without_triton_says_so(capsys, in_run_home, monkeypatch, tmp_p
     from serving.repository import publish_version
 
     monkeypatch.setenv("TES_HOME", str(tmp_path))  # a byte model's version, enough to know its recipe
-    publish_version(tmp_path / "model_repository", "gpt", mc.ModelConfig(name="gpt", backend="python"), lambda _: None,
-                    {"recipe": "stdlib-gpt", "options": TINY_GPT})
+    publish_version(
+        tmp_path / "model_repository",
+        "gpt",
+        mc.ModelConfig(name="gpt", backend="python"),
+        lambda _: None,
+        {"recipe": "stdlib-gpt", "options": TINY_GPT},
+    )
     assert_one_error(*tes(capsys, "complete", "def fib(n):", "--model", "gpt"), "no Triton to talk to")
 
 

@@ -2,11 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from core.files import atomic_write, atomic_write_json, sha256_file
 from pydantic import ValidationError
 
 from core.errors import TesError
+from core.files import atomic_write, atomic_write_json, sha256_file
 from core.results import ONNX_FILE, RunDir, StageOutput, StageResult, Status
 
 
@@ -41,7 +40,12 @@ def test_run_dir_manifest_records_each_stage(tmp_path: Path):
     assert manifest["stages"]["train"]["output"] == {"steps": 3}
     assert StageResult[Steps].model_validate(manifest["stages"]["train"]).output == Steps(steps=3)
     assert manifest["stages"]["tensorrt"] == {
-        "stage": "tensorrt", "status": "skipped", "seconds": 0.0, "reason": "no GPU", "artifacts": [], "output": None
+        "stage": "tensorrt",
+        "status": "skipped",
+        "seconds": 0.0,
+        "reason": "no GPU",
+        "artifacts": [],
+        "output": None,
     }
 
 

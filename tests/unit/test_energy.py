@@ -21,10 +21,14 @@ def fake_rapl(root: Path, packages: dict[str, tuple[int, int]]) -> Path:
 
 
 def test_rapl_sums_packages_and_survives_a_wrap(tmp_path: Path):
-    root = fake_rapl(tmp_path, {"intel-rapl:0": (1_000_000, 262_143_328_850), "intel-rapl:1": (262_143_000_000, 262_143_328_850)})
+    root = fake_rapl(
+        tmp_path, {"intel-rapl:0": (1_000_000, 262_143_328_850), "intel-rapl:1": (262_143_000_000, 262_143_328_850)}
+    )
     reader = RaplReader(root)
     before = reader.read()
-    fake_rapl(root, {"intel-rapl:0": (3_500_000, 262_143_328_850), "intel-rapl:1": (1_171_150, 262_143_328_850)})  # package 1 wrapped
+    fake_rapl(
+        root, {"intel-rapl:0": (3_500_000, 262_143_328_850), "intel-rapl:1": (1_171_150, 262_143_328_850)}
+    )  # package 1 wrapped
     joules = RaplReader.joules_between(before, reader.read())
     assert joules == pytest.approx(2.5 + (328_850 + 1_171_150) / 1e6)
 
@@ -88,4 +92,6 @@ def test_on_this_machine_each_counter_is_measured_or_says_why_it_is_estimated():
 
 def test_estimate_is_proportional_to_busy_cores_and_time():
     assert estimate(10, 1.5, watts_per_core=8, cores=4).joules == pytest.approx(120)
-    assert estimate(10, 8.0, watts_per_core=8, cores=4).joules == pytest.approx(320)  # no more cores busy than there are
+    assert estimate(10, 8.0, watts_per_core=8, cores=4).joules == pytest.approx(
+        320
+    )  # no more cores busy than there are

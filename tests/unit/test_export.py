@@ -8,8 +8,8 @@ import torch
 
 from core.errors import VerificationError
 from export.onnx_export import ExportConfig, export_onnx, verify_onnx
-from tests.conftest import TINY_DIGITS, TINY_GPT
 from recipes import build_recipe
+from tests.conftest import TINY_DIGITS, TINY_GPT
 
 
 @pytest.fixture(scope="module")

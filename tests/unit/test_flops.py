@@ -1,8 +1,8 @@
 import torch
 
-from tests.conftest import TINY_GPT
 from accounting.flops import count_flops, inference_flops_per_sample, six_n_d, tokens_per_step, training_step_flops
 from recipes import build_recipe
+from tests.conftest import TINY_GPT
 
 
 def test_linear_stack_counts_exactly_the_closed_form():
@@ -12,7 +12,9 @@ def test_linear_stack_counts_exactly_the_closed_form():
     forward = sum(2 * batch * a * b for a, b in zip(widths, widths[1:]))  # one multiply-add per weight per row
     assert count_flops(lambda: model(x)) == forward
     # backward: the gradient of the input (skipped for the first layer, whose input needs none) and of each weight
-    backward = sum(2 * batch * a * b for a, b in zip(widths, widths[1:])) + sum(2 * batch * a * b for a, b in list(zip(widths, widths[1:]))[1:])
+    backward = sum(2 * batch * a * b for a, b in zip(widths, widths[1:])) + sum(
+        2 * batch * a * b for a, b in list(zip(widths, widths[1:]))[1:]
+    )
     assert count_flops(lambda: model(x).sum().backward()) == forward + backward
 
 
@@ -27,4 +29,6 @@ def test_tiny_transformer_training_step_is_within_ten_percent_of_6nd():
 def test_inference_flops_per_sample_grow_with_width():
     small = build_recipe("stdlib-gpt", TINY_GPT)
     wide = build_recipe("stdlib-gpt", {**TINY_GPT, "n_embd": 64})
-    assert inference_flops_per_sample(wide, wide.build_model()) > 2 * inference_flops_per_sample(small, small.build_model())
+    assert inference_flops_per_sample(wide, wide.build_model()) > 2 * inference_flops_per_sample(
+        small, small.build_model()
+    )

@@ -28,11 +28,18 @@ def test_a_stage_entry_records_time_memory_flops_money_and_carbon(tmp_path: Path
         del blob
     e = ledger.entries[0]
     assert 0.3 <= e.wall_s < 5 and e.peak_host_mb > 40
-    assert e.achieved_flops_per_s == pytest.approx(3e9 / e.wall_s) and e.utilization == pytest.approx(e.achieved_flops_per_s / 1e11)
+    assert e.achieved_flops_per_s == pytest.approx(3e9 / e.wall_s) and e.utilization == pytest.approx(
+        e.achieved_flops_per_s / 1e11
+    )
     kwh = 3_600 / 3.6e6
     assert e.co2e_g == pytest.approx(kwh * 1000)
     assert e.cost_usd == pytest.approx(3.6 * e.wall_s / 3600 + kwh * 0.5)
-    assert e.inputs == {"usd_per_device_hour": 3.6, "usd_per_kwh": 0.5, "grid_g_co2e_per_kwh": 1000, "energy_kind": "estimated"}
+    assert e.inputs == {
+        "usd_per_device_hour": 3.6,
+        "usd_per_kwh": 0.5,
+        "grid_g_co2e_per_kwh": 1000,
+        "energy_kind": "estimated",
+    }
     path = ledger.write(tmp_path / "ledger.json")
     data = json.loads(path.read_text())
     assert data["entries"][0]["energy"]["cpu"]["kind"] == "estimated" and data["prices"]["usd_per_kwh"] == 0.5
@@ -60,5 +67,7 @@ def test_measured_and_estimated_are_never_shown_alike():
 
 
 def test_payback_counts_inferences_until_the_build_energy_is_repaid():
-    assert payback_inferences(build_joules=100.0, baseline_j_per_inference=0.5, variant_j_per_inference=0.3) == pytest.approx(500)
+    assert payback_inferences(
+        build_joules=100.0, baseline_j_per_inference=0.5, variant_j_per_inference=0.3
+    ) == pytest.approx(500)
     assert payback_inferences(100.0, 0.3, 0.5) is None  # a variant that costs more per inference never pays back

@@ -27,7 +27,9 @@ def test_stability_needs_three_windows_that_agree_on_throughput_and_latency():
 
 
 def test_best_rate_is_the_highest_within_the_p99_budget_without_errors():
-    points = [LoadPoint("m", "grpc", "rate", rate, latency_ms={"p99": p99}, errors=errors)
-              for rate, p99, errors in [(50, 5, 0), (100, 9, 0), (200, 40, 0), (400, 8, 3)]]
+    points = [
+        LoadPoint("m", "grpc", "rate", rate, latency_ms={"p99": p99}, errors=errors)
+        for rate, p99, errors in [(50, 5, 0), (100, 9, 0), (200, 40, 0), (400, 8, 3)]
+    ]
     assert best_rate_under(points, 10).load == 100
     assert best_rate_under(points, 1) is None

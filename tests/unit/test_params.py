@@ -34,7 +34,9 @@ def test_nested_cross_field_problems_come_with_the_others():
 
 
 def test_batch_size_above_what_the_recipe_exports_is_refused():
-    with pytest.raises(ConfigError, match=r"serving.max_batch_size: 999 is above what recipe 'stdlib-gpt' exports \(32\)"):
+    with pytest.raises(
+        ConfigError, match=r"serving.max_batch_size: 999 is above what recipe 'stdlib-gpt' exports \(32\)"
+    ):
         parse_params({"serving": {"max_batch_size": 999}})
 
 
@@ -54,11 +56,14 @@ def test_flow_parameters_are_the_pipeline_parameters():
 
 
 def test_cli_params_nest_dotted_keys_and_parse_json():
-    assert parse_param_args(["training.steps=5", "training.device=cpu", "recipe=digits-cnn", "serving={\"load\": false}"]) == {
-        "training": {"steps": 5, "device": "cpu"}, "recipe": "digits-cnn", "serving": {"load": False}
-    }
+    assert parse_param_args(
+        ["training.steps=5", "training.device=cpu", "recipe=digits-cnn", 'serving={"load": false}']
+    ) == {"training": {"steps": 5, "device": "cpu"}, "recipe": "digits-cnn", "serving": {"load": False}}
     assert prefect_param_args({"recipe": "digits-cnn", "training": {"steps": 5}}) == [
-        "--param", "recipe=digits-cnn", "--param", 'training={"steps": 5}'
+        "--param",
+        "recipe=digits-cnn",
+        "--param",
+        'training={"steps": 5}',
     ]
     with pytest.raises(TesError, match="key=value"):
         parse_param_args(["steps"])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError, RecipeError
-from tests.conftest import TINY_DIGITS, TINY_GPT
 from recipes import build_recipe
-from recipes.stdlib_gpt import read_stdlib_text, StdlibGptOptions
+from recipes.stdlib_gpt import StdlibGptOptions, read_stdlib_text
+from tests.conftest import TINY_DIGITS, TINY_GPT
 
 
 def test_digits_split_is_deterministic_and_disjoint():
@@ -63,12 +63,14 @@ def test_unknown_recipe_lists_the_known_ones():
 
 
 def test_user_recipe_from_module_attribute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    (tmp_path / "my_recipes.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_recipes.py").write_text(
+        textwrap.dedent("""
         from recipes.digits_cnn import DigitsCnnRecipe
 
         class SmallDigits(DigitsCnnRecipe):
             name = "small-digits"
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = build_recipe("my_recipes:SmallDigits", {"channels": 2})
     assert recipe.name == "small-digits" and recipe.options.channels == 2

@@ -7,10 +7,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from core.errors import ChecksumError, RepositoryError
 from export.onnx_export import ExportConfig, export_onnx
+from recipes import build_recipe
 from serving import repository
 from serving.repository import ServingConfig, parse_config, verify_version, write_version
 from tests.conftest import TINY_DIGITS, TINY_GPT
-from recipes import build_recipe
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +18,16 @@ def onnx_files(tmp_path_factory):
     files = {}
     for name, options in (("stdlib-gpt", TINY_GPT), ("digits-cnn", TINY_DIGITS)):
         recipe = build_recipe(name, options)
-        files[name] = export_onnx(recipe, recipe.build_model(), tmp_path_factory.mktemp(name), ExportConfig()).output.onnx
+        files[name] = export_onnx(
+            recipe, recipe.build_model(), tmp_path_factory.mktemp(name), ExportConfig()
+        ).output.onnx
     return files
 
 
 def test_config_comes_from_the_onnx_graph_and_parses_as_model_config(tmp_path: Path, onnx_files):
-    result = write_version(tmp_path, "stdlib-gpt", onnx_files["stdlib-gpt"], ServingConfig(max_batch_size=8, instance_count=2))
+    result = write_version(
+        tmp_path, "stdlib-gpt", onnx_files["stdlib-gpt"], ServingConfig(max_batch_size=8, instance_count=2)
+    )
     config = parse_config(result.config_path.read_text())
     assert config.name == "stdlib-gpt" and config.backend == "python" and config.max_batch_size == 8
     assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("tokens", mc.TYPE_INT64, [-1])]
@@ -102,9 +106,12 @@ def test_batched_config_needs_a_dynamic_batch_axis(tmp_path: Path):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+    )
     path = tmp_path / "fixed.onnx"
     onnx.save(helper.make_model(graph), path)
     with pytest.raises(RepositoryError, match="tensor 'x'.*dynamic batch axis"):

@@ -18,14 +18,26 @@ import pytest
 
 from core.files import sha256_file
 from core.results import Status
-from export.onnx_export import ExportConfig, export_onnx
 from core.runtimes import open_session
+from export.onnx_export import ExportConfig, export_onnx
 from export.tensorrt_build import configure, network_flags
-from export.trt_engine import (EngineConfig, EngineTolerance, build, build_in_child, compare_outputs, engine_source, judge,
-                               onnx_profile_problems, profile_shapes, run_stage, trtexec_command, unavailable_reason)
+from export.trt_engine import (
+    EngineConfig,
+    EngineTolerance,
+    build,
+    build_in_child,
+    compare_outputs,
+    engine_source,
+    judge,
+    onnx_profile_problems,
+    profile_shapes,
+    run_stage,
+    trtexec_command,
+    unavailable_reason,
+)
 from export.variants import PrecisionConfig, VariantReport
-from tests.conftest import TINY_DIGITS, TINY_GPT
 from recipes import build_recipe
+from tests.conftest import TINY_DIGITS, TINY_GPT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,7 +55,9 @@ def test_profiles_come_from_the_recipe_ranges_and_the_batch_limit():
     assert gpt == {"tokens": {"min": [1, 1], "opt": [16, 32], "max": [16, 32]}}  # context 1 / block_size / block_size
     tuned = profile_shapes(build_recipe("stdlib-gpt", TINY_GPT), max_batch_size=16, opt_batch_size=4)
     assert tuned["tokens"]["opt"] == [4, 32]
-    assert profile_shapes(build_recipe("stdlib-gpt", TINY_GPT), 16, opt_batch_size=64)["tokens"]["opt"][0] == 16  # clamped
+    assert (
+        profile_shapes(build_recipe("stdlib-gpt", TINY_GPT), 16, opt_batch_size=64)["tokens"]["opt"][0] == 16
+    )  # clamped
     digits = profile_shapes(build_recipe("digits-cnn", TINY_DIGITS), max_batch_size=8)
     assert digits == {"image": {"min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [8, 1, 8, 8]}}
 
@@ -56,17 +70,25 @@ def test_profiles_are_checked_against_the_onnx_graph(digits):
     assert any("axis 2 is fixed at 8" in p for p in onnx_profile_problems(moved, onnx_path))
     renamed = {"pixels": shapes["image"]}
     problems = onnx_profile_problems(renamed, onnx_path)
-    assert any("ONNX input 'image' has no profile" in p for p in problems) and any("profile 'pixels'" in p for p in problems)
+    assert any("ONNX input 'image' has no profile" in p for p in problems) and any(
+        "profile 'pixels'" in p for p in problems
+    )
 
 
-@pytest.mark.parametrize("precision, flags", [("fp32", ["--noTF32"]), ("fp16", ["--fp16"]), ("bf16", ["--bf16"]),
-                                              ("int8-static", ["--int8", "--fp16"])])
+@pytest.mark.parametrize(
+    "precision, flags",
+    [("fp32", ["--noTF32"]), ("fp16", ["--fp16"]), ("bf16", ["--bf16"]), ("int8-static", ["--int8", "--fp16"])],
+)
 def test_trtexec_command_has_the_profiles_precision_and_builder_settings(precision, flags):
     shapes = profile_shapes(build_recipe("stdlib-gpt", TINY_GPT), max_batch_size=4)
     config = EngineConfig(precision=precision, workspace_mb=2048, optimization_level=5, version_compatible=True)
     command = trtexec_command(Path("m.onnx"), Path("m.plan"), shapes, config, Path("/c/timing.cache"))
     assert command[:3] == ["trtexec", "--onnx=m.onnx", "--saveEngine=m.plan"]
-    assert "--minShapes=tokens:1x1" in command and "--optShapes=tokens:4x32" in command and "--maxShapes=tokens:4x32" in command
+    assert (
+        "--minShapes=tokens:1x1" in command
+        and "--optShapes=tokens:4x32" in command
+        and "--maxShapes=tokens:4x32" in command
+    )
     assert "--memPoolSize=workspace:2048M" in command and "--builderOptimizationLevel=5" in command
     assert "--versionCompatible" in command and "--timingCacheFile=/c/timing.cache" in command
     assert "--hardwareCompatibilityLevel=ampere+" not in command
@@ -82,8 +104,11 @@ def test_a_strongly_typed_build_takes_its_types_from_the_graph_not_from_flags():
 
 
 def test_each_precision_is_built_from_its_own_variant():
-    variants = [VariantReport(name="fp32", path="/r/export/model.onnx"), VariantReport(name="int8-static", path="/r/precision/int8-static.onnx"),
-                VariantReport(name="fp16", path="/r/precision/fp16.onnx")]
+    variants = [
+        VariantReport(name="fp32", path="/r/export/model.onnx"),
+        VariantReport(name="int8-static", path="/r/precision/int8-static.onnx"),
+        VariantReport(name="fp16", path="/r/precision/fp16.onnx"),
+    ]
     assert engine_source("fp16", "/r/export/model.onnx", variants) == ("/r/export/model.onnx", "")
     assert engine_source("bf16", "/r/export/model.onnx", variants)[0] == "/r/export/model.onnx"
     assert engine_source("int8-static", "/r/export/model.onnx", variants)[0] == "/r/precision/int8-static.onnx"
@@ -120,8 +145,15 @@ def test_a_disabled_stage_or_an_unbuildable_precision_is_skipped_with_the_reason
     recipe, onnx_path = digits
     off = run_stage(recipe, onnx_path, [], tmp_path, EngineConfig(enabled=False), PrecisionConfig(), 8)
     assert off.status is Status.SKIPPED and off.reason == "tensorrt.enabled is false"
-    no_qdq = run_stage(recipe, onnx_path, [VariantReport(name="fp32", path=str(onnx_path))], tmp_path,
-                       EngineConfig(precision="int8-static"), PrecisionConfig(), 8)
+    no_qdq = run_stage(
+        recipe,
+        onnx_path,
+        [VariantReport(name="fp32", path=str(onnx_path))],
+        tmp_path,
+        EngineConfig(precision="int8-static"),
+        PrecisionConfig(),
+        8,
+    )
     assert no_qdq.status is Status.SKIPPED and "int8-static variant" in no_qdq.reason
 
 
@@ -179,7 +211,9 @@ class _FakeBuilder:
 
 
 FAKE_TRT = types.SimpleNamespace(
-    BuilderFlag=types.SimpleNamespace(FP16="FP16", BF16="BF16", INT8="INT8", TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE"),
+    BuilderFlag=types.SimpleNamespace(
+        FP16="FP16", BF16="BF16", INT8="INT8", TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE"
+    ),
     MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
     HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS"),
     NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1),
@@ -188,11 +222,16 @@ FAKE_TRT = types.SimpleNamespace(
 
 def _spec(tmp_path, **settings):
     config = EngineConfig(**settings).model_dump(mode="json") | {"timing_cache": str(tmp_path / "timing.cache")}
-    return {"config": config, "shapes": profile_shapes(build_recipe("stdlib-gpt", TINY_GPT), max_batch_size=8, opt_batch_size=4)}
+    return {
+        "config": config,
+        "shapes": profile_shapes(build_recipe("stdlib-gpt", TINY_GPT), max_batch_size=8, opt_batch_size=4),
+    }
 
 
 def test_builder_sets_fp16_flag_workspace_level_and_profile_with_fake_tensorrt(tmp_path):
-    config, cache_loaded = configure(FAKE_TRT, _FakeBuilder(), _spec(tmp_path, precision="fp16", workspace_mb=512, optimization_level=4))
+    config, cache_loaded = configure(
+        FAKE_TRT, _FakeBuilder(), _spec(tmp_path, precision="fp16", workspace_mb=512, optimization_level=4)
+    )
     assert config.flags == {"FP16"} and config.cleared == set()
     assert config.pools == {"WORKSPACE": 512 << 20} and config.builder_optimization_level == 4
     assert [p.shapes for p in config.profiles] == [{"tokens": ([1, 1], [4, 32], [8, 32])}]
@@ -200,8 +239,10 @@ def test_builder_sets_fp16_flag_workspace_level_and_profile_with_fake_tensorrt(t
     assert config.hardware_compatibility_level == "NONE"
 
 
-@pytest.mark.parametrize("precision, flags, cleared", [("fp32", set(), {"TF32"}), ("bf16", {"BF16"}, set()),
-                                                       ("int8-static", {"INT8", "FP16"}, set())])
+@pytest.mark.parametrize(
+    "precision, flags, cleared",
+    [("fp32", set(), {"TF32"}), ("bf16", {"BF16"}, set()), ("int8-static", {"INT8", "FP16"}, set())],
+)
 def test_builder_precision_flags_with_fake_tensorrt(tmp_path, precision, flags, cleared):
     config, _ = configure(FAKE_TRT, _FakeBuilder(), _spec(tmp_path, precision=precision))
     assert (config.flags, config.cleared) == (flags, cleared)
@@ -214,7 +255,9 @@ def test_builder_reuses_a_saved_timing_cache_with_fake_tensorrt(tmp_path):
 
 
 def test_builder_compatibility_and_strong_typing_with_fake_tensorrt(tmp_path):
-    spec = _spec(tmp_path, precision="fp16", hardware_compatibility="ampere_plus", version_compatible=True, strongly_typed=True)
+    spec = _spec(
+        tmp_path, precision="fp16", hardware_compatibility="ampere_plus", version_compatible=True, strongly_typed=True
+    )
     config, _ = configure(FAKE_TRT, _FakeBuilder(), spec)
     assert config.hardware_compatibility_level == "AMPERE_PLUS" and config.flags == {"VERSION_COMPATIBLE"}  # no FP16
     assert network_flags(FAKE_TRT, strongly_typed=True) == 1 << 1 and network_flags(FAKE_TRT, strongly_typed=False) == 0
@@ -245,7 +288,8 @@ def _fake_tensorrt_module(parse_ok: bool = True) -> types.ModuleType:
     module.Builder = lambda logger: builder
     errors = ["In node 3 (Foo): UNSUPPORTED_NODE"]
     module.OnnxParser = lambda network, logger: types.SimpleNamespace(
-        parse_from_file=lambda path: parse_ok, num_errors=0 if parse_ok else 1, get_error=lambda index: errors[index])
+        parse_from_file=lambda path: parse_ok, num_errors=0 if parse_ok else 1, get_error=lambda index: errors[index]
+    )
     module.nptype = lambda dtype: dtype
     return module
 
@@ -256,15 +300,27 @@ def test_build_writes_the_engine_timing_cache_and_manifest_with_fake_tensorrt(tm
     recipe, onnx_path = digits
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module())
     monkeypatch.setattr(child, "device", lambda: ("stand-in GPU", "9.0"))
-    spec = {"onnx": str(onnx_path), "folder": str(tmp_path / "fp16"), "max_batch_size": 8, "shapes": profile_shapes(recipe, 8),
-            "config": EngineConfig(precision="fp16").model_dump(mode="json") | {"timing_cache": str(tmp_path / "timing.cache")}}
+    spec = {
+        "onnx": str(onnx_path),
+        "folder": str(tmp_path / "fp16"),
+        "max_batch_size": 8,
+        "shapes": profile_shapes(recipe, 8),
+        "config": EngineConfig(precision="fp16").model_dump(mode="json")
+        | {"timing_cache": str(tmp_path / "timing.cache")},
+    }
     manifest = child.build(spec)
     assert (tmp_path / "fp16" / "model.plan").read_bytes() == b"stand-in engine bytes"
     assert json.loads((tmp_path / "fp16" / "engine.json").read_text()) == manifest
     assert manifest["onnx_sha256"] == sha256_file(onnx_path) and manifest["compute_capability"] == "9.0"
-    assert manifest["tensorrt"] == "10.3.0.26" and manifest["builder_flags"] == ["FP16"] and manifest["profiles"] == spec["shapes"]
-    assert manifest["tensors"] == [{"name": "image", "dtype": "float32", "shape": [-1, 1, 8, 8], "mode": "input"},
-                                   {"name": "logits", "dtype": "float32", "shape": [-1, 10], "mode": "output"}]
+    assert (
+        manifest["tensorrt"] == "10.3.0.26"
+        and manifest["builder_flags"] == ["FP16"]
+        and manifest["profiles"] == spec["shapes"]
+    )
+    assert manifest["tensors"] == [
+        {"name": "image", "dtype": "float32", "shape": [-1, 1, 8, 8], "mode": "input"},
+        {"name": "logits", "dtype": "float32", "shape": [-1, 10], "mode": "output"},
+    ]
     assert (tmp_path / "timing.cache").read_bytes() == b"+timings of this build" and not manifest["timing_cache_loaded"]
     assert child.build(spec)["timing_cache_loaded"]  # the next build starts from the saved cache
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt_module(parse_ok=False))
@@ -287,7 +343,9 @@ def _child_with_fake_tensorrt(tmp_path, body: str) -> tuple[Path, dict]:
 
 
 def test_a_crash_in_native_code_fails_the_stage_not_the_flow_with_fake_tensorrt(tmp_path):
-    spec, env = _child_with_fake_tensorrt(tmp_path, "import os, sys\nprint('stand-in tensorrt aborting', flush=True)\nos.abort()\n")
+    spec, env = _child_with_fake_tensorrt(
+        tmp_path, "import os, sys\nprint('stand-in tensorrt aborting', flush=True)\nos.abort()\n"
+    )
     result = build_in_child(spec, timeout_s=120, env=env)
     assert result.status is Status.FAILED and "killed by signal 6" in result.reason
     assert "stand-in tensorrt aborting" in result.reason and (tmp_path / "engine" / "build.log").is_file()
@@ -297,7 +355,11 @@ def test_a_crash_in_native_code_fails_the_stage_not_the_flow_with_fake_tensorrt(
 def test_a_failing_or_hanging_build_child_fails_the_stage_with_its_log_with_fake_tensorrt(tmp_path):
     spec, env = _child_with_fake_tensorrt(tmp_path, "raise SystemExit('parser: unsupported operator Foo')\n")
     failed = build_in_child(spec, timeout_s=120, env=env)
-    assert failed.status is Status.FAILED and "exited with 1" in failed.reason and "unsupported operator Foo" in failed.reason
+    assert (
+        failed.status is Status.FAILED
+        and "exited with 1" in failed.reason
+        and "unsupported operator Foo" in failed.reason
+    )
     hung_spec, hung_env = _child_with_fake_tensorrt(tmp_path / "hung", "import time\ntime.sleep(120)\n")
     hung = build_in_child(hung_spec, timeout_s=3, env=hung_env)
     assert hung.status is Status.FAILED and "ran past 3 s" in hung.reason
@@ -320,7 +382,12 @@ def test_outputs_within_the_precisions_tolerance_pass_and_others_are_named(fp32_
     nudged = [{"logits": r["logits"] + 5e-3 * scale} for r in reference]  # 0.5% of the range
     assert compare_outputs(reference, nudged, "fp16") == []
     lines = compare_outputs(reference, nudged, "fp32")
-    assert len(lines) == 1 and "output 'logits'" in lines[0] and "100.00% of" in lines[0] and "tensorrt.tolerances['logits']" in lines[0]
+    assert (
+        len(lines) == 1
+        and "output 'logits'" in lines[0]
+        and "100.00% of" in lines[0]
+        and "tensorrt.tolerances['logits']" in lines[0]
+    )
     assert compare_outputs(reference, nudged, "fp32", {"logits": EngineTolerance(range_atol=1e-2, rtol=0)}) == []
     broken = [{"logits": np.full_like(r["logits"], np.nan)} for r in reference]
     assert compare_outputs(reference, broken, "int8-static")
@@ -331,16 +398,30 @@ def test_outputs_within_the_precisions_tolerance_pass_and_others_are_named(fp32_
 def test_an_engine_is_gated_like_every_variant(fp32_outputs):
     recipe, reference, targets = fp32_outputs
     config, gates = EngineConfig(precision="fp16"), PrecisionConfig(accuracy_budget=0.01, min_speedup=1.05)
-    same = judge(recipe, "fp16", reference, reference, targets, config, gates, throughput=5000.0, fp32_throughput=1000.0)
+    same = judge(
+        recipe, "fp16", reference, reference, targets, config, gates, throughput=5000.0, fp32_throughput=1000.0
+    )
     assert same.status == "accepted" and same.name == "tensorrt-fp16" and same.runtime == "tensorrt"
     assert same.metrics == recipe.score([r["logits"] for r in reference], targets) and same.top1_agreement == 1.0
     # an untrained CNN's accuracy is near chance, so the accuracy gate is shown with a perfect reference instead
     perfect = [{"logits": 5.0 * np.eye(10, dtype=np.float32)[t]} for t in targets]
     off_by_one = [{"logits": 5.0 * np.eye(10, dtype=np.float32)[(t + 1) % 10]} for t in targets]
-    wrong = judge(recipe, "fp16", perfect, off_by_one, targets, config, gates, throughput=5000.0, fp32_throughput=1000.0)
+    wrong = judge(
+        recipe, "fp16", perfect, off_by_one, targets, config, gates, throughput=5000.0, fp32_throughput=1000.0
+    )
     assert wrong.status == "rejected" and "accuracy gate: accuracy 0.0000 vs FP32 1.0000" in wrong.reason
     assert "numerical check" in wrong.reason and wrong.top1_agreement == 0.0
-    cut = judge(recipe, "fp16", reference, [{"logits": r["logits"][:, :5]} for r in reference], targets, config, gates, 5000.0, 1000.0)
+    cut = judge(
+        recipe,
+        "fp16",
+        reference,
+        [{"logits": r["logits"][:, :5]} for r in reference],
+        targets,
+        config,
+        gates,
+        5000.0,
+        1000.0,
+    )
     assert cut.status == "rejected" and "shape" in cut.reason and cut.metrics == {}
     slow = judge(recipe, "fp16", reference, reference, targets, config, gates, throughput=900.0, fp32_throughput=1000.0)
     assert slow.status == "rejected" and "speed gate" in slow.reason and "ONNX Runtime FP32 on the CPU" in slow.reason
@@ -356,7 +437,9 @@ def test_a_real_engine_is_built_verified_and_gated(tmp_path, digits):
     recipe, onnx_path = digits
     variants = [VariantReport(name="fp32", path=str(onnx_path), throughput_per_s=0.0)]
     config = EngineConfig(precision="fp16", timing_cache=str(tmp_path / "timing.cache"), verify_samples=64)
-    result = run_stage(recipe, onnx_path, variants, tmp_path / "trt", config, PrecisionConfig(min_speedup=0), max_batch_size=8)
+    result = run_stage(
+        recipe, onnx_path, variants, tmp_path / "trt", config, PrecisionConfig(min_speedup=0), max_batch_size=8
+    )
     assert result.status is Status.OK, result.reason
     assert Path(result.output.engine).stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
     assert result.output.verification.status == "accepted", result.output.verification.reason
@@ -368,7 +451,9 @@ def test_a_real_engine_is_built_verified_and_gated(tmp_path, digits):
 def _backend_model(monkeypatch, logged: list):
     """serving/backend/model.py as Triton loads it, with a stand-in for Triton's `triton_python_backend_utils`
     (it only exists inside Triton) whose logger records the lines."""
-    logger = types.SimpleNamespace(log_info=lambda line: logged.append(("info", line)), log_warn=lambda line: logged.append(("warn", line)))
+    logger = types.SimpleNamespace(
+        log_info=lambda line: logged.append(("info", line)), log_warn=lambda line: logged.append(("warn", line))
+    )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.SimpleNamespace(Logger=logger))
     spec = importlib.util.spec_from_file_location("tes_backend_model", ROOT / "serving" / "backend" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -378,17 +463,30 @@ def _backend_model(monkeypatch, logged: list):
 
 def test_gpu_instances_ask_for_tensorrt_then_cuda_with_fake_providers(monkeypatch, tmp_path):
     module = _backend_model(monkeypatch, [])
-    monkeypatch.setattr(module.ort, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    config = {"name": "digits-int8-static", "parameters": {"precision": {"string_value": "int8-static"},
-                                                           "trt_cache_dir": {"string_value": str(tmp_path)}}}
+    monkeypatch.setattr(
+        module.ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    config = {
+        "name": "digits-int8-static",
+        "parameters": {"precision": {"string_value": "int8-static"}, "trt_cache_dir": {"string_value": str(tmp_path)}},
+    }
     args = {"model_instance_kind": "GPU", "model_instance_device_id": "1", "model_version": "3"}
     (trt, trt_options), (cuda, cuda_options), cpu = module.TritonPythonModel._providers(args, config)
     assert (trt, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
     assert trt_options["device_id"] == 1 and cuda_options == {"device_id": 1}
-    assert trt_options["trt_engine_cache_enable"] and trt_options["trt_engine_cache_path"] == str(tmp_path / "digits-int8-static" / "3")
-    assert Path(trt_options["trt_timing_cache_path"]).is_dir() and trt_options["trt_int8_enable"] and trt_options["trt_fp16_enable"]
-    fp32 = module.TritonPythonModel._providers(args, {"name": "digits-fp32", "parameters": {"precision": {"string_value": "fp32"}}})
+    assert trt_options["trt_engine_cache_enable"] and trt_options["trt_engine_cache_path"] == str(
+        tmp_path / "digits-int8-static" / "3"
+    )
+    assert (
+        Path(trt_options["trt_timing_cache_path"]).is_dir()
+        and trt_options["trt_int8_enable"]
+        and trt_options["trt_fp16_enable"]
+    )
+    fp32 = module.TritonPythonModel._providers(
+        args, {"name": "digits-fp32", "parameters": {"precision": {"string_value": "fp32"}}}
+    )
     assert not fp32[0][1]["trt_fp16_enable"] and not fp32[0][1]["trt_int8_enable"]
     cpu_only = module.TritonPythonModel._providers({"model_instance_kind": "CPU"}, config)
     assert cpu_only == ["CPUExecutionProvider"]
@@ -398,10 +496,14 @@ def test_the_provider_onnx_runtime_really_got_is_logged_and_a_fallback_warned(mo
     logged = []
     module = _backend_model(monkeypatch, logged)
     args = {"model_version": "1", "model_instance_name": "digits_0", "model_instance_kind": "GPU"}
-    module._log_provider("digits", args, [("TensorrtExecutionProvider", {}), "CPUExecutionProvider"], "CPUExecutionProvider")
+    module._log_provider(
+        "digits", args, [("TensorrtExecutionProvider", {}), "CPUExecutionProvider"], "CPUExecutionProvider"
+    )
     module._log_provider("digits", args, ["CPUExecutionProvider"], "CPUExecutionProvider")
     assert [level for level, _ in logged] == ["warn", "info"]
-    assert logged[0][1].startswith("tes-provider model=digits version=1 instance=digits_0 kind=GPU got=CPUExecutionProvider")
+    assert logged[0][1].startswith(
+        "tes-provider model=digits version=1 instance=digits_0 kind=GPU got=CPUExecutionProvider"
+    )
     assert "requested=TensorrtExecutionProvider,CPUExecutionProvider" in logged[0][1]
 
 
@@ -410,7 +512,15 @@ def test_a_served_python_model_logs_its_provider_in_triton(triton_server, digits
     from serving import client, repository
 
     _, onnx_path = digits
-    repository.write_version(triton_server.repository, "digits-provider", onnx_path, repository.ServingConfig(max_batch_size=8))
+    repository.write_version(
+        triton_server.repository, "digits-provider", onnx_path, repository.ServingConfig(max_batch_size=8)
+    )
     client.load_model(triton_server.http_url, "digits-provider", admin_key=triton_server.admin_key)
-    lines = [line for line in Path(triton_server.log_path).read_text().splitlines() if "tes-provider model=digits-provider" in line]
-    assert lines and "got=CPUExecutionProvider requested=CPUExecutionProvider" in lines[-1]  # CPU instances, no GPU here
+    lines = [
+        line
+        for line in Path(triton_server.log_path).read_text().splitlines()
+        if "tes-provider model=digits-provider" in line
+    ]
+    assert (
+        lines and "got=CPUExecutionProvider requested=CPUExecutionProvider" in lines[-1]
+    )  # CPU instances, no GPU here

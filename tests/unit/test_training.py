@@ -4,17 +4,27 @@ import pytest
 import torch
 
 from core.errors import TrainingError
+from core.results import CHECKPOINT_FILE as CHECKPOINT
+from recipes import build_recipe
+from recipes.evaluation import load_trained
 from tests.conftest import TINY_DIGITS
 from training import loop
-from core.results import CHECKPOINT_FILE as CHECKPOINT
-from recipes.evaluation import load_trained
 from training.loop import TrainingConfig, train
-from recipes import build_recipe
 
 
 def tiny(**overrides) -> TrainingConfig:
-    return TrainingConfig(**{"steps": 40, "batch_size": 32, "eval_every": 20, "eval_samples": 128,
-                             "checkpoint_every": 10, "learning_rate": 1e-2, "warmup_steps": 5, **overrides})
+    return TrainingConfig(
+        **{
+            "steps": 40,
+            "batch_size": 32,
+            "eval_every": 20,
+            "eval_samples": 128,
+            "checkpoint_every": 10,
+            "learning_rate": 1e-2,
+            "warmup_steps": 5,
+            **overrides,
+        }
+    )
 
 
 def test_training_learns_digits_and_writes_weights(tmp_path: Path):
@@ -55,7 +65,9 @@ def test_checkpoint_of_another_recipe_is_refused(tmp_path: Path):
 
 
 def test_time_budget_stops_training_early(tmp_path: Path):
-    result = train(build_recipe("digits-cnn", TINY_DIGITS), tiny(steps=100_000, max_seconds=1.0), tmp_path, progress=False)
+    result = train(
+        build_recipe("digits-cnn", TINY_DIGITS), tiny(steps=100_000, max_seconds=1.0), tmp_path, progress=False
+    )
     assert result.output.stopped_early_by_time and result.output.steps < 100_000
 
 

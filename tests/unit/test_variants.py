@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from core.runtimes import openvino_has_bf16
 from export.onnx_export import ExportConfig, export_onnx
 from export.quantize import build_int8_static, quantized_nodes
-from core.runtimes import openvino_has_bf16
 from export.variants import PrecisionConfig, VariantReport, build_and_score, select
-from tests.conftest import TINY_DIGITS, TINY_GPT
-from recipes.evaluation import load_trained
-from training.loop import TrainingConfig, train
 from recipes import build_recipe
+from recipes.evaluation import load_trained
+from tests.conftest import TINY_DIGITS, TINY_GPT
+from training.loop import TrainingConfig, train
 
 FAST = {"calibration_samples": 32, "score_samples": 128, "speed_repeats": 3}
 
@@ -20,15 +20,24 @@ FAST = {"calibration_samples": 32, "score_samples": 128, "speed_repeats": 3}
 def digits(tmp_path_factory):
     """A briefly trained tiny digits model and its verified FP32 export."""
     recipe, folder = build_recipe("digits-cnn", TINY_DIGITS), tmp_path_factory.mktemp("digits")
-    trained = train(recipe, TrainingConfig(steps=60, learning_rate=1e-2, warmup_steps=5, eval_every=1000, eval_samples=64),
-                    folder / "train", progress=False)
+    trained = train(
+        recipe,
+        TrainingConfig(steps=60, learning_rate=1e-2, warmup_steps=5, eval_every=1000, eval_samples=64),
+        folder / "train",
+        progress=False,
+    )
     exported = export_onnx(recipe, load_trained(recipe, trained.output.weights), folder, ExportConfig())
     return recipe, exported.output.onnx, folder
 
 
 def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
     recipe, onnx_path, folder = digits
-    reports = {r.name: r for r in build_and_score(recipe, onnx_path, folder / "all", PrecisionConfig(min_speedup=0, accuracy_budget=1, **FAST))}
+    reports = {
+        r.name: r
+        for r in build_and_score(
+            recipe, onnx_path, folder / "all", PrecisionConfig(min_speedup=0, accuracy_budget=1, **FAST)
+        )
+    }
     assert list(reports) == ["fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8"]
     assert reports["fp32"].max_abs_diff == 0 and reports["fp32"].top1_agreement == 1
     assert (reports["openvino-bf16"].runtime, reports["openvino-bf16"].runtime_precision) == ("openvino", "bf16")
@@ -50,7 +59,9 @@ def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
 def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(digits):
     recipe, onnx_path, folder = digits
     # an impossibly tight budget: the variant would have to be 50% more accurate than FP32
-    config = PrecisionConfig(variants=("int8-static",), accuracy_budget=-0.5, min_speedup=0, exclusion_retries=1, nodes_per_retry=2, **FAST)
+    config = PrecisionConfig(
+        variants=("int8-static",), accuracy_budget=-0.5, min_speedup=0, exclusion_retries=1, nodes_per_retry=2, **FAST
+    )
     fp32, static = build_and_score(recipe, onnx_path, folder / "tight", config)
     assert static.status == "rejected"
     assert f"accuracy {static.metrics['accuracy']:.4f} vs FP32 {fp32.metrics['accuracy']:.4f}" in static.reason
@@ -58,13 +69,20 @@ def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(d
     # the retry excluded the nodes that drifted most, and says which
     assert len(static.excluded_nodes) >= 1 and static.drift and all("local_sqnr_db" in d for d in static.drift)
     # what is excluded is what was quantized: the layers that read a drifting tensor through QDQ
-    assert set(static.excluded_nodes) <= set(quantized_nodes(folder / "tight" / "preprocessed.onnx", ["MatMul", "Gemm", "Conv"]))
+    assert set(static.excluded_nodes) <= set(
+        quantized_nodes(folder / "tight" / "preprocessed.onnx", ["MatMul", "Gemm", "Conv"])
+    )
     assert fp32.serves_alias
 
 
 def test_speed_gate_rejects_a_variant_that_is_not_faster(digits):
     recipe, onnx_path, folder = digits
-    fp32, dynamic = build_and_score(recipe, onnx_path, folder / "slow", PrecisionConfig(variants=("int8-dynamic",), accuracy_budget=1, min_speedup=100, **FAST))
+    fp32, dynamic = build_and_score(
+        recipe,
+        onnx_path,
+        folder / "slow",
+        PrecisionConfig(variants=("int8-dynamic",), accuracy_budget=1, min_speedup=100, **FAST),
+    )
     assert dynamic.status == "rejected" and dynamic.reason.startswith("speed gate:")
     assert f"{dynamic.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f}" in dynamic.reason
     assert fp32.serves_alias
@@ -88,7 +106,9 @@ def test_calibration_never_reads_validation_samples(tmp_path: Path):
     train_bytes = recipe._splits["train"].tobytes()
     recipe.__dict__["_splits"] = {"train": recipe._splits["train"], "validation": _Untouchable()}
     monkey_eval = pytest.MonkeyPatch()
-    monkey_eval.setattr(recipe, "eval_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("eval_batches used")))
+    monkey_eval.setattr(
+        recipe, "eval_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("eval_batches used"))
+    )
     try:
         calibration = recipe.calibration_inputs(16)
         assert sum(len(batch["tokens"]) for batch in calibration) >= 16
@@ -103,10 +123,12 @@ def test_calibration_never_reads_validation_samples(tmp_path: Path):
 
 
 def test_policy_picks_throughput_or_latency_among_accepted_only():
-    reports = [VariantReport("fp32", latency_p50_ms=2.0, throughput_per_s=100),
-               VariantReport("int8-dynamic", latency_p50_ms=1.0, throughput_per_s=150),
-               VariantReport("int8-static", latency_p50_ms=1.5, throughput_per_s=300),
-               VariantReport("fp16", latency_p50_ms=0.5, throughput_per_s=900, status="rejected")]
+    reports = [
+        VariantReport("fp32", latency_p50_ms=2.0, throughput_per_s=100),
+        VariantReport("int8-dynamic", latency_p50_ms=1.0, throughput_per_s=150),
+        VariantReport("int8-static", latency_p50_ms=1.5, throughput_per_s=300),
+        VariantReport("fp16", latency_p50_ms=0.5, throughput_per_s=900, status="rejected"),
+    ]
     assert select(reports, "max-throughput").name == "int8-static"
     assert select(reports, "min-latency").name == "int8-dynamic"
 
@@ -147,8 +169,11 @@ def _activation_zero_points(path: Path) -> dict[str, np.ndarray]:
 
     graph = onnx.load(str(path)).graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    return {node.input[0]: constants[node.input[2]] for node in graph.node
-            if node.op_type == "QuantizeLinear" and node.input[0] not in constants}
+    return {
+        node.input[0]: constants[node.input[2]]
+        for node in graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] not in constants
+    }
 
 
 def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(digits, tmp_path):
@@ -160,7 +185,9 @@ def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(
     calibration = recipe.calibration_inputs(16)
     import onnx
 
-    zero_points = _activation_zero_points(build_int8_static(Path(onnx_path), tmp_path, calibration, name="ov", symmetric_activations=True))
+    zero_points = _activation_zero_points(
+        build_int8_static(Path(onnx_path), tmp_path, calibration, name="ov", symmetric_activations=True)
+    )
     graph = onnx.load(str(tmp_path / "preprocessed.onnx")).graph
     produced = {output for node in graph.node for output in node.output} | {i.name for i in graph.input}
     zero_points = {name: zp for name, zp in zero_points.items() if name in produced}  # not QDQ's own renamed outputs
@@ -174,6 +201,8 @@ def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(
     gpt = build_recipe("stdlib-gpt", TINY_GPT)
     torch.manual_seed(0)
     gpt_onnx = Path(export_onnx(gpt, gpt.build_model().eval(), tmp_path / "gpt", ExportConfig()).output.onnx)
-    gpt_points = _activation_zero_points(build_int8_static(gpt_onnx, tmp_path / "gpt", gpt.calibration_inputs(8), symmetric_activations=True))
+    gpt_points = _activation_zero_points(
+        build_int8_static(gpt_onnx, tmp_path / "gpt", gpt.calibration_inputs(8), symmetric_activations=True)
+    )
     norms = [zp for name, zp in gpt_points.items() if name.startswith("layer_norm")]
     assert norms and all(zp.dtype == np.int8 and not zp.any() for zp in norms)
