@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -21,14 +22,12 @@ from core.results import Status
 from core.runtimes import open_session
 from export.onnx_export import ExportConfig, export_onnx
 from export.tensorrt_build import configure, network_flags
+from export.trt_checks import EngineTolerance, compare_outputs, judge
 from export.trt_engine import (
     EngineConfig,
-    EngineTolerance,
     build,
     build_in_child,
-    compare_outputs,
     engine_source,
-    judge,
     onnx_profile_problems,
     profile_shapes,
     run_stage,
@@ -397,7 +396,7 @@ def test_outputs_within_the_precisions_tolerance_pass_and_others_are_named(fp32_
 
 def test_an_engine_is_gated_like_every_variant(fp32_outputs):
     recipe, reference, targets = fp32_outputs
-    config, gates = EngineConfig(precision="fp16"), PrecisionConfig(accuracy_budget=0.01, min_speedup=1.05)
+    config, gates = EngineConfig(precision="fp16").tolerances, PrecisionConfig(accuracy_budget=0.01, min_speedup=1.05)
     same = judge(
         recipe, "fp16", reference, reference, targets, config, gates, throughput=5000.0, fp32_throughput=1000.0
     )
@@ -516,11 +515,9 @@ def test_a_served_python_model_logs_its_provider_in_triton(triton_server, digits
         triton_server.repository, "digits-provider", onnx_path, repository.ServingConfig(max_batch_size=8)
     )
     client.load_model(triton_server.http_url, "digits-provider", admin_key=triton_server.admin_key)
-    lines = [
-        line
-        for line in Path(triton_server.log_path).read_text().splitlines()
-        if "tes-provider model=digits-provider" in line
-    ]
-    assert (
-        lines and "got=CPUExecutionProvider requested=CPUExecutionProvider" in lines[-1]
-    )  # CPU instances, no GPU here
+    deadline, lines = time.monotonic() + 15, []
+    while not lines and time.monotonic() < deadline:  # the server's log may reach the file a moment after READY
+        log = Path(triton_server.log_path).read_text().splitlines()
+        lines = [line for line in log if "tes-provider model=digits-provider" in line]
+        time.sleep(0.1)
+    assert lines and "got=CPUExecutionProvider requested=CPUExecutionProvider" in lines[-1]  # CPU instances here
