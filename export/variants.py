@@ -289,11 +289,14 @@ def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches
     return report, None
 
 
-def table_rows(reports: list[VariantReport], primary_metric: str) -> list[list[str]]:
-    """One row of cells per variant (header: `TABLE_HEADER`); '-' for what was not measured."""
+def table_rows(
+    reports: list[VariantReport], primary_metric: str, alias_mark: str = " **(serves alias)**"
+) -> list[list[str]]:
+    """One row of cells per variant (header: `table_header`); '-' for what was not measured; `alias_mark` after
+    the decision of the variant that serves the plain model name."""
     rows = []
     for r in reports:
-        decision = r.status + (f": {r.reason}" if r.reason else "") + (" **(serves alias)**" if r.serves_alias else "")
+        decision = r.status + (f": {r.reason}" if r.reason else "") + (alias_mark if r.serves_alias else "")
         if r.excluded_nodes:
             decision += f"; excluded from quantization: {', '.join(r.excluded_nodes)}"
         scored, timed_ = bool(r.metrics), r.throughput_per_s > 0  # skipped: neither; rejected on accuracy: not timed

@@ -14,6 +14,7 @@ from typing import Any
 
 from core.errors import TesError
 from core.results import RunDir
+from export.variants import table_header, table_rows
 
 
 @dataclass(frozen=True)
@@ -77,49 +78,14 @@ def variants_view(run: str | None = None) -> TableView:
             f"run {run_summary.run_id} has no precision variants: its precision stage is {precision.status.value}"
         )
     out = precision.output
-    columns = [
-        "variant",
-        "size",
-        out.primary_metric,
-        "vs FP32",
-        "max / mean abs diff",
-        "top-1 agree",
-        "p50 b=1",
-        "throughput",
-        "speedup",
-        "decision",
-    ]
+    columns = table_header(out.primary_metric)
     title = f"run {run_summary.run_id}: policy {out.policy}; {out.selected} serves the plain model name"
     return TableView(
         columns,
-        [_variant_cells(report, out.primary_metric) for report in out.variants],
+        table_rows(list(out.variants), out.primary_metric, alias_mark=" (serves the plain name)"),
         title,
         numeric=frozenset(range(1, 9)),
     )
-
-
-def _variant_cells(report, metric: str) -> list[str]:
-    scored, timed = (
-        bool(report.metrics),
-        report.throughput_per_s > 0,
-    )  # skipped: neither; rejected on accuracy: not timed
-    decision = report.status + (f": {report.reason}" if report.reason else "")
-    if report.serves_alias:
-        decision += " (serves the plain name)"
-    if report.excluded_nodes:
-        decision += f"; excluded from quantization: {', '.join(report.excluded_nodes)}"
-    return [
-        report.name,
-        f"{report.bytes / 1e6:.2f} MB" if report.bytes else "-",
-        f"{report.metrics[metric]:.4f}" if scored else "-",
-        f"{100 * report.metric_delta_relative:+.2f}%" if scored else "-",
-        f"{report.max_abs_diff:.2e} / {report.mean_abs_diff:.2e}" if scored else "-",
-        f"{report.top1_agreement:.3f}" if scored else "-",
-        f"{report.latency_p50_ms:.2f} ms" if timed else "-",
-        f"{report.throughput_per_s:.0f}/s" if timed else "-",
-        f"{report.speedup_vs_fp32:.2f}x" if timed else "-",
-        decision,
-    ]
 
 
 # --- the ledger -----------------------------------------------------------------------------------------------------
