@@ -198,15 +198,7 @@ def run_benchmark(
     if options.sweep_configs and endpoint.grpc:
         progress("server configuration sweep ...")
         swept = config_sweep(repo, model, version_dir, config, endpoint, inputs, settings)
-        notes.append(
-            "Configuration sweep (gRPC, concurrency 16): "
-            + "; ".join(
-                f"batching={r['dynamic_batching']} delay={r['max_queue_delay_microseconds']}us "
-                f"instances={r['instance_count']}: "
-                f"{r['throughput']:.0f}/s"
-                for r in swept
-            )
-        )
+        notes.append("Configuration sweep (gRPC, concurrency 16): " + "; ".join(map(_sweep_line, swept)))
         if options.apply_best:
             applied = _apply_best(repo, version_dir, config, swept[0], endpoint)
     extra = {
@@ -300,6 +292,13 @@ def _apply_best(repo: Path, version_dir: Path, base: ServingConfig, best: dict, 
         "version": written.version,
         **{k: best[k] for k in ("dynamic_batching", "max_queue_delay_microseconds", "instance_count")},
     }
+
+
+def _sweep_line(row: dict) -> str:
+    return (
+        f"batching={row['dynamic_batching']} delay={row['max_queue_delay_microseconds']}us "
+        f"instances={row['instance_count']}: {row['throughput']:.0f}/s"
+    )
 
 
 def _one_line(point: LoadPoint) -> str:

@@ -320,71 +320,57 @@ def verify(
     if reason:
         return StageResult.skipped("tensorrt", reason)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    profiles = manifest["profiles"]
-    batch_limit = min(dims["max"][0] for dims in profiles.values())
-    batches = list(recipe.eval_batches(min(32, batch_limit), config.verify_samples))
-    speed = recipe.example_inputs(min(gates.speed_batch_size, batch_limit))
-    problems = [line for batch in batches for line in outside_profile(batch.inputs, profiles)] + outside_profile(
-        speed, profiles
-    )
+    batches, speed, problems = _verification_inputs(recipe, manifest["profiles"], config, gates)
     if problems:
-        return StageResult(
-            stage="tensorrt",
-            status=Status.FAILED,
-            reason="verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems),
-        )
-    work = folder / "verify"
-    work.mkdir(exist_ok=True)
-    feeds = {f"{i}/{name}": array for i, batch in enumerate(batches) for name, array in batch.inputs.items()}
-    np.savez(work / "inputs.npz", **feeds, **{f"speed/{name}": array for name, array in speed.items()})
+        reason = "verification inputs do not fit the engine:\n  - " + "\n  - ".join(problems)
+        return StageResult(stage="tensorrt", status=Status.FAILED, reason=reason)
     with timed() as clock:
-        code, tail = run_child(
-            ["run", str(folder / ENGINE_FILE), str(work / "inputs.npz"), str(work / "outputs.npz")],
-            config.verify_timeout_s,
-            work / "run.log",
-        )
+        code, tail, saved = _run_engine(folder, batches, speed, config.verify_timeout_s)
     if code != 0:
-        return StageResult(
-            stage="tensorrt",
-            status=Status.FAILED,
-            seconds=clock["seconds"],
-            reason=child_failure("running the engine", code, tail, config.verify_timeout_s),
-        )
-    saved = np.load(work / "outputs.npz")
+        reason = child_failure("running the engine", code, tail, config.verify_timeout_s)
+        return StageResult(stage="tensorrt", status=Status.FAILED, seconds=clock["seconds"], reason=reason)
     session = open_session(fp32_onnx)
     names = [output.name for output in session.get_outputs()]
     reference = [dict(zip(names, session.run(None, batch.inputs))) for batch in batches]
     got = [{name: saved[f"{i}/{name}"] for name in names if f"{i}/{name}" in saved.files} for i in range(len(batches))]
     throughput = len(next(iter(speed.values()))) / float(saved["seconds/speed"])
+    targets = [b.targets for b in batches]
     report = judge(
-        recipe,
-        manifest["precision"],
-        reference,
-        got,
-        [b.targets for b in batches],
-        config.tolerances,
-        gates,
-        throughput,
-        fp32_throughput,
+        recipe, manifest["precision"], reference, got, targets, config.tolerances, gates, throughput, fp32_throughput
     )
     report.path, report.bytes, report.sha256 = (
         str(folder / ENGINE_FILE),
         manifest["engine_bytes"],
         manifest["engine_sha256"],
     )
-    record = {
-        **report.to_dict(),
-        "compared_with": f"ONNX Runtime FP32 (CPU) on {sum(len(b.targets) for b in batches)} held-out samples",
-        "engine_manifest": manifest,
-    }
-    path = atomic_write_json(folder / "verification.json", record)
-    return StageResult(
-        stage="tensorrt",
-        status=Status.OK,
-        seconds=clock["seconds"],
-        artifacts=(Artifact.of(path),),
-        output=EngineOutput(folder=str(folder), verification=report),
+    compared = f"ONNX Runtime FP32 (CPU) on {sum(len(t) for t in targets)} held-out samples"
+    path = atomic_write_json(
+        folder / "verification.json", {**report.to_dict(), "compared_with": compared, "engine_manifest": manifest}
     )
+    output = EngineOutput(folder=str(folder), verification=report)
+    return StageResult(
+        stage="tensorrt", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(path),), output=output
+    )
+
+
+def _verification_inputs(recipe: Recipe, profiles: dict, config: EngineConfig, gates: PrecisionConfig):
+    """(held-out batches, the speed-measurement batch, the inputs that fall outside the engine's profiles)."""
+    batch_limit = min(dims["max"][0] for dims in profiles.values())
+    batches = list(recipe.eval_batches(min(32, batch_limit), config.verify_samples))
+    speed = recipe.example_inputs(min(gates.speed_batch_size, batch_limit))
+    problems = [line for batch in batches for line in outside_profile(batch.inputs, profiles)]
+    return batches, speed, problems + outside_profile(speed, profiles)
+
+
+def _run_engine(folder: Path, batches: list, speed: dict[str, np.ndarray], timeout_s: int):
+    """The engine run on every batch in a child process: (exit code, log tail, the saved outputs or None)."""
+    work = folder / "verify"
+    work.mkdir(exist_ok=True)
+    feeds = {f"{i}/{name}": array for i, batch in enumerate(batches) for name, array in batch.inputs.items()}
+    np.savez(work / "inputs.npz", **feeds, **{f"speed/{name}": array for name, array in speed.items()})
+    command = ["run", str(folder / ENGINE_FILE), str(work / "inputs.npz"), str(work / "outputs.npz")]
+    code, tail = run_child(command, timeout_s, work / "run.log")
+    return code, tail, np.load(work / "outputs.npz") if code == 0 else None
 
 
 def run_stage(

@@ -113,8 +113,7 @@ def run_pipeline(
     A run whose data, code and configuration match an earlier completed run reuses its training, export and
     precision artifacts, and the deployment reuses identical versions: nothing is computed twice."""
     recipe = params.build_recipe()
-    serving = params.serving_config(recipe)
-    endpoint, not_loaded = resolve_endpoint(params.serving)
+    endpoint = resolve_endpoint(params.serving)  # once, here: every stage that talks to Triton gets this one
     run = RunDir(paths.resolve(params.runs_dir) / new_run_id(params.triton_model_name))
     key = cache.cache_key(params, recipe)
     run.update(params=params.model_dump(mode="json"), recipe=recipe.describe(), status="running", cache_key=key)
@@ -122,61 +121,8 @@ def run_pipeline(
     ledger = Ledger(params.prices)
     stage = _Stages(run, ledger, call, str(pick_device(params.training.device)), cache.lookup(key))
     try:
-        trained = stage.reused_or_run("train", TrainOutput, train, recipe, params.training, run.stage_dir("train"))
-        exported = stage.reused_or_run(
-            "export",
-            ExportOutput,
-            export_stage,
-            recipe,
-            trained.output.weights,
-            run.stage_dir("export"),
-            params.export,
-            params.training.eval_samples,
-        )
-        precision = stage.reused_or_run(
-            "precision",
-            PrecisionOutput,
-            precision_stage,
-            recipe,
-            exported.output.onnx,
-            run.stage_dir("precision"),
-            params.precision,
-        )
-        engine = stage(
-            "tensorrt",
-            trt_engine.run_stage,
-            recipe,
-            exported.output.onnx,
-            precision.output.variants,
-            run.stage_dir("tensorrt"),
-            params.tensorrt,
-            params.precision,
-            max(1, serving.max_batch_size),
-        )
-        deployed = stage(
-            "deploy",
-            deploy,
-            paths.resolve(params.repository),
-            params.triton_model_name,
-            _deployables(precision.output),
-            precision.output.selected,
-            serving,
-            {"run_id": run.run_id, "run_dir": str(run.path), **recipe.describe()},
-            endpoint,
-            not_loaded,
-        )
-        served = stage("served_check", _served_check, recipe, precision.output, deployed.output, trained.output.weights)
-        benchmark = stage(
-            "benchmark",
-            benchmark_stage,
-            params.benchmark,
-            deployed.output.model,
-            endpoint if deployed.output.loaded else None,
-            deployed.output.load_skipped,
-            params.repository,
-            run.stage_dir("benchmark"),
-            log.info,
-        )
+        trained, exported, precision, engine = _build(stage, recipe, params, run)
+        deployed, served, benchmark = _serve(stage, recipe, params, run, endpoint, trained, precision)
     except BaseException as error:  # the manifest must say the run failed, whatever stopped it
         run.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -197,6 +143,80 @@ def run_pipeline(
     )
     _finish(run, summary, key, ledger_markdown, publish)
     return summary
+
+
+def _build(stage: _Stages, recipe: Recipe, params: PipelineParams, run: RunDir) -> tuple[StageResult, ...]:
+    """The artifacts: trained weights, the verified ONNX file, its precision variants, a TensorRT engine."""
+    trained = stage.reused_or_run("train", TrainOutput, train, recipe, params.training, run.stage_dir("train"))
+    exported = stage.reused_or_run(
+        "export",
+        ExportOutput,
+        export_stage,
+        recipe,
+        trained.output.weights,
+        run.stage_dir("export"),
+        params.export,
+        params.training.eval_samples,
+    )
+    onnx_path = exported.output.onnx
+    precision = stage.reused_or_run(
+        "precision", PrecisionOutput, precision_stage, recipe, onnx_path, run.stage_dir("precision"), params.precision
+    )
+    batch_limit = max(1, params.serving_config(recipe).max_batch_size)
+    engine = stage(
+        "tensorrt",
+        trt_engine.run_stage,
+        recipe,
+        onnx_path,
+        precision.output.variants,
+        run.stage_dir("tensorrt"),
+        params.tensorrt,
+        params.precision,
+        batch_limit,
+    )
+    return trained, exported, precision, engine
+
+
+def _serve(
+    stage: _Stages,
+    recipe: Recipe,
+    params: PipelineParams,
+    run: RunDir,
+    resolved: tuple[Endpoint | None, str],
+    trained: StageResult,
+    precision: StageResult,
+) -> tuple[StageResult, ...]:
+    """Serving them: deployed into the repository and loaded into the run's Triton (`resolved`: the endpoint, or
+    none and why), checked as served, and benchmarked."""
+    endpoint, not_loaded = resolved
+    provenance = {"run_id": run.run_id, "run_dir": str(run.path), **recipe.describe()}
+    selection = precision.output
+    deployed = stage(
+        "deploy",
+        deploy,
+        paths.resolve(params.repository),
+        params.triton_model_name,
+        _deployables(selection),
+        selection.selected,
+        params.serving_config(recipe),
+        provenance,
+        endpoint,
+        not_loaded,
+    )
+    served = stage("served_check", _served_check, recipe, selection, deployed.output, trained.output.weights)
+    reached = endpoint if deployed.output.loaded else None
+    benchmark = stage(
+        "benchmark",
+        benchmark_stage,
+        params.benchmark,
+        deployed.output.model,
+        reached,
+        deployed.output.load_skipped,
+        params.repository,
+        run.stage_dir("benchmark"),
+        log.info,
+    )
+    return deployed, served, benchmark
 
 
 def _deployables(precision: PrecisionOutput) -> list[Deployable]:

@@ -167,19 +167,7 @@ def start(
     command = [
         str(dist / "bin" / "tritonserver"),
         f"--model-repository={repository}",
-        "--model-control-mode=explicit",
-        "--strict-readiness=true",
-        "--disable-auto-complete-config",
-        "--exit-timeout-secs=5",
-        f"--backend-directory={prepare_backends(work_dir / 'backends')}",
-        f"--backend-config=python,shm-region-prefix-name=tes{ports['http']}_",
-        f"--http-address={host}",
-        f"--http-port={ports['http']}",
-        f"--grpc-address={host}",
-        f"--grpc-port={ports['grpc']}",
-        f"--metrics-address={host}",
-        f"--metrics-port={ports['metrics']}",
-        "--allow-gpu-metrics=false",
+        *_server_args(host, ports, prepare_backends(work_dir / "backends")),
         *(_restriction_args(admin_key) if admin_key else []),
         *(extra_args or []),
     ]
@@ -195,19 +183,43 @@ def start(
     server = TritonProcess(
         process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(log_path), host, admin_key
     )
-    deadline = time.monotonic() + ready_timeout_s
+    _wait_ready(server, process, ready_timeout_s)
+    return server
+
+
+def _server_args(host: str, ports: dict[str, int], backends: Path) -> list[str]:
+    """Explicit model control, strict readiness, no config auto-completion; every endpoint on `host` only."""
+    return [
+        "--model-control-mode=explicit",
+        "--strict-readiness=true",
+        "--disable-auto-complete-config",
+        "--exit-timeout-secs=5",
+        f"--backend-directory={backends}",
+        f"--backend-config=python,shm-region-prefix-name=tes{ports['http']}_",
+        *(
+            f"--{kind}-{part}={value}"
+            for kind, port in ports.items()
+            for part, value in (("address", host), ("port", port))
+        ),
+        "--allow-gpu-metrics=false",
+    ]
+
+
+def _wait_ready(server: TritonProcess, process: subprocess.Popen, timeout_s: float) -> None:
+    """Until the server says it is ready; if it exits or times out first, stop it and raise with its log tail."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerError(
                 f"tritonserver exited with code {process.returncode} while starting; log "
-                f"{log_path}:\n{log_tail(log_path)}"
+                f"{server.log_path}:\n{log_tail(server.log_path)}"
             )
         if _is_ready(server.http_url):
-            return server
+            return
         time.sleep(0.2)
     stop(server.pid)
     raise ServerError(
-        f"tritonserver was not ready after {ready_timeout_s:.0f} s; log {log_path}:\n{log_tail(log_path)}"
+        f"tritonserver was not ready after {timeout_s:.0f} s; log {server.log_path}:\n{log_tail(server.log_path)}"
     )
 
 
