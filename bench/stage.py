@@ -102,9 +102,8 @@ def baselines(
             version_dir / "model.onnx", config.runtime, config.runtime_precision or None
         )
     }
-    weights = (
-        RunDir(provenance["run_dir"], create=False).weights if Path(provenance.get("run_dir", "")).is_dir() else None
-    )
+    run_dir = provenance.get("run_dir")  # absent for a model deployed by hand
+    weights = RunDir(run_dir, create=False).weights if run_dir and Path(run_dir).is_dir() else None
     if weights is not None and weights.is_file():
         sessions["torch eager fp32"] = _TorchRunner(load_trained(recipe, weights), recipe)
     inputs = recipe.example_inputs(batch)
@@ -200,7 +199,7 @@ def run_benchmark(
         swept = config_sweep(repo, model, version_dir, config, endpoint, inputs, settings)
         notes.append("Configuration sweep (gRPC, concurrency 16): " + "; ".join(map(_sweep_line, swept)))
         if options.apply_best:
-            applied = _apply_best(repo, version_dir, config, swept[0], endpoint)
+            applied = _apply_best(repo, version_dir, config, swept[0], endpoint, provenance)
     extra = {
         "model": model,
         "options": options.model_dump(mode="json"),
@@ -277,7 +276,10 @@ def _sweeps(
     return points
 
 
-def _apply_best(repo: Path, version_dir: Path, base: ServingConfig, best: dict, endpoint: Endpoint) -> dict:
+def _apply_best(
+    repo: Path, version_dir: Path, base: ServingConfig, best: dict, endpoint: Endpoint, provenance: dict
+) -> dict:
+    """The best configuration as the model's next version, with the same file and provenance, loaded."""
     model = version_dir.parent.name
     config = dataclasses.replace(
         base,
@@ -285,7 +287,7 @@ def _apply_best(repo: Path, version_dir: Path, base: ServingConfig, best: dict, 
         max_queue_delay_microseconds=best["max_queue_delay_microseconds"],
         instance_count=best["instance_count"],
     )
-    written = repository.write_version(repo, model, version_dir / "model.onnx", config)
+    written = repository.write_version(repo, model, version_dir / "model.onnx", config, provenance=provenance)
     client.load_model(endpoint.http, model, admin_key=endpoint.admin_key)
     return {
         "model": model,

@@ -124,18 +124,27 @@ class RunDir:
         """Where `stage` writes; the stage creates it when it runs (a cached stage leaves no empty folder)."""
         return self.path / stage
 
+    def reuse(self, stage: str, earlier: "RunDir") -> None:
+        """Record that `stage` reused the files of an earlier run: readers of this run find them there."""
+        folders = self.read_manifest().get("stage_folders", {})
+        self.update(stage_folders={**folders, stage: str(earlier.files_of(stage))})
+
+    def files_of(self, stage: str) -> Path:
+        """The folder holding `stage`'s files: this run's own, or an earlier run's when the stage was reused."""
+        return Path(self.read_manifest().get("stage_folders", {}).get(stage, self.path / stage))
+
     # --- the files each stage leaves ------------------------------------------------------------------------------
     @property
     def weights(self) -> Path:
-        return self.path / "train" / WEIGHTS_FILE
+        return self.files_of("train") / WEIGHTS_FILE
 
     @property
     def onnx(self) -> Path:
-        return self.path / "export" / ONNX_FILE
+        return self.files_of("export") / ONNX_FILE
 
     @property
     def variants(self) -> Path:
-        return self.path / "precision" / VARIANTS_FILE
+        return self.files_of("precision") / VARIANTS_FILE
 
     @property
     def engines(self) -> Path:

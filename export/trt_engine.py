@@ -46,7 +46,7 @@ TAIL_CHARS = 3000  # of a failed child's log, in the stage's reason
 
 
 class EngineOutput(StageOutput):
-    folder: str = ""  # the engine's folder: engine.plan, engine.json, reproduce.sh, build.log, verification.json
+    folder: str = ""  # the engine's folder: model.plan, engine.json, reproduce.sh, build.log, verification.json
     engine: str = ""
     manifest: str = ""
     reproduce: str = ""  # the trtexec equivalent, written even where the build is skipped

@@ -96,7 +96,7 @@ class VariantReport:
     status: Literal["accepted", "rejected", "skipped"] = "accepted"
     reason: str = ""
     excluded_nodes: list[str] = field(default_factory=list)
-    drift: list[dict] = field(default_factory=list)
+    drift: list[dict[str, str | float]] = field(default_factory=list)  # typed: an infinite SQNR stays infinite in JSON
     serves_alias: bool = False
     build_seconds: float = 0.0  # wall time to build, calibrate, retry and score this variant
     build_cpu_seconds: float = 0.0  # CPU time of this process over the same span (for the energy ledger)
@@ -253,7 +253,7 @@ def build_and_score(
 def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports):
     """Build one variant and apply the accuracy gate; static INT8 retries with drifting nodes excluded."""
     excluded: list[str] = []
-    drift: list[dict] = []
+    drift: list[dict[str, str | float]] = []
     runtime, runtime_precision = runtime_of(name)
     retried = name in ("int8-static", "openvino-int8")
     for attempt in range(config.exclusion_retries + 1 if retried else 1):

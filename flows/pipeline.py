@@ -69,30 +69,41 @@ class RunSummary(BaseModel):
         return [self.train, self.export, self.precision, self.tensorrt, self.deploy, self.served_check, self.benchmark]
 
 
+# the stages an identical earlier run can stand in for, and their outputs (flows/cache.py finds that run)
+REUSABLE: dict[str, type] = {"train": TrainOutput, "export": ExportOutput, "precision": PrecisionOutput}
+
+
 class _Stages:
     """Calls each stage inside its ledger entry and records its result in the run's manifest as it finishes."""
 
     def __init__(self, run: RunDir, ledger: Ledger, call: StageCall, device: str, cached: dict | None):
-        self.run, self.cached = run, cached
+        self.run = run
         self.call = accounting.measured(ledger, call, device)
+        self.earlier, self.source = _reusable(cached), RunDir(cached["run_dir"], create=False) if cached else None
 
     def __call__(self, name: str, function: Callable[..., StageResult], *args: Any) -> StageResult:
         result = self.call(name, function, *args)
         self.run.record(result)
         return result
 
-    def reused_or_run(
-        self, name: str, output_type: type, function: Callable[..., StageResult], *args: Any
-    ) -> StageResult:
-        """The cached result of an earlier identical run (same data, code and configuration), else a fresh run."""
-        try:
-            earlier = StageResult[output_type].model_validate(self.cached["stages"][name]) if self.cached else None
-        except ValidationError:  # written by an older version of this project: compute it afresh
-            earlier = None
+    def reused_or_run(self, name: str, function: Callable[..., StageResult], *args: Any) -> StageResult:
+        """The result of an earlier identical run (same data, code and configuration), else a fresh run."""
+        earlier = self.earlier.get(name)
         if earlier is None:
             return self(name, function, *args)
-        reason = f"cached: same data, code and configuration as {Path(self.cached['run_dir']).name}"
+        self.run.reuse(name, self.source)
+        reason = f"cached: same data, code and configuration as {self.source.run_id}"
         return self(name, lambda: earlier.model_copy(update={"reason": reason, "seconds": 0.0}))
+
+
+def _reusable(cached: dict | None) -> dict[str, StageResult]:
+    """Every reusable stage of the cached run, or none at all: fresh weights never meet a cached ONNX file."""
+    if cached is None:
+        return {}
+    try:
+        return {name: StageResult[kind].model_validate(cached["stages"][name]) for name, kind in REUSABLE.items()}
+    except (KeyError, ValidationError):  # written by an older version of this project: compute it all afresh
+        return {}
 
 
 def resolve_endpoint(serving: ServingParams) -> tuple[Endpoint | None, str]:
@@ -147,10 +158,9 @@ def run_pipeline(
 
 def _build(stage: _Stages, recipe: Recipe, params: PipelineParams, run: RunDir) -> tuple[StageResult, ...]:
     """The artifacts: trained weights, the verified ONNX file, its precision variants, a TensorRT engine."""
-    trained = stage.reused_or_run("train", TrainOutput, train, recipe, params.training, run.stage_dir("train"))
+    trained = stage.reused_or_run("train", train, recipe, params.training, run.stage_dir("train"))
     exported = stage.reused_or_run(
         "export",
-        ExportOutput,
         export_stage,
         recipe,
         trained.output.weights,
@@ -160,7 +170,7 @@ def _build(stage: _Stages, recipe: Recipe, params: PipelineParams, run: RunDir) 
     )
     onnx_path = exported.output.onnx
     precision = stage.reused_or_run(
-        "precision", PrecisionOutput, precision_stage, recipe, onnx_path, run.stage_dir("precision"), params.precision
+        "precision", precision_stage, recipe, onnx_path, run.stage_dir("precision"), params.precision
     )
     batch_limit = max(1, params.serving_config(recipe).max_batch_size)
     engine = stage(

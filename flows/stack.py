@@ -59,8 +59,10 @@ def endpoint(http_url: str | None = None, grpc_url: str | None = None, admin_key
     state = read()
     alive = bool(state) and triton.pid_alive(state["triton"]["pid"])
     ours = triton.TritonProcess(**state["triton"]).endpoint() if alive else None
-    if http_url is None:
-        return ours
+    if http_url is None:  # the stack's server; a given gRPC endpoint takes the place of its own
+        if ours is None:
+            return None
+        return Endpoint(ours.http, grpc_url or ours.grpc, admin_key or ours.admin_key, ours.server_pid)
     if ours is not None and http_url == ours.http:
         return Endpoint(http_url, grpc_url or ours.grpc, admin_key or ours.admin_key, ours.server_pid)
     return Endpoint(http_url, grpc_url, admin_key)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import TesError
-from core.results import RunDir
+from core.results import RunDir, find_run
 from export.variants import table_header, table_rows
 
 
@@ -36,13 +36,21 @@ class LedgerView:
 # --- runs -------------------------------------------------------------------------------------------------------------
 def summary(run: str | None = None):
     """The `RunSummary` of the run in folder `run`, or of the last run of this project home."""
+    from pydantic import ValidationError
+
     from flows.pipeline import load_summary
 
-    return load_summary(run)
+    try:
+        return load_summary(run)
+    except ValidationError as error:
+        raise TesError(
+            f"the run's summary.json was written by an older version of train-export-serve ({error.error_count()} "
+            "fields differ); `tes report` still prints its report, or run the pipeline again"
+        ) from error
 
 
 def report_markdown(run: str | None = None) -> str:
-    return report_of(summary(run))
+    return find_run(run).report.read_text(encoding="utf-8")
 
 
 def report_of(run_summary) -> str:
@@ -64,7 +72,7 @@ def run_parameters(run: str | None = None):
     """(run folder, the `PipelineParams` the run was made with)."""
     from flows.params import parse_params
 
-    found = RunDir(summary(run).run_dir, create=False)
+    found = find_run(run)
     return found.path, parse_params(found.read_manifest()["params"])
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from bench.stage import BenchmarkOptions, run_benchmark
 from core.errors import InferenceError
+from core.results import RunDir
 from core.runtimes import open_session
 from flows.params import parse_params
 from flows.pipeline import run_pipeline
@@ -142,6 +143,10 @@ def test_a_rerun_with_the_same_inputs_repeats_no_work(runs, triton_server):
         assert stage.artifacts == earlier.artifacts  # the same files, checksummed
         assert stage.output == earlier.output
     assert not (Path(again.run_dir) / "train").exists()  # nothing was trained into the new run folder
+    reused, original = RunDir(again.run_dir, create=False), RunDir(first.run_dir, create=False)
+    assert (reused.weights, reused.onnx, reused.variants) == (original.weights, original.onnx, original.variants)
+    assert reused.onnx.is_file() and reused.variants.is_file()  # what tes export-repository reads of the new run
+    assert RunDir(run_pipeline(params).run_dir, create=False).onnx == original.onnx  # a reuse of a reuse, too
     deploy, first_deploy = again.deploy.output, first.deploy.output
     assert deploy.variants["fp32"].reused and deploy.reused
     assert deploy.variants["fp32"].version == first_deploy.variants["fp32"].version
@@ -182,6 +187,8 @@ def test_configuration_sweep_finds_and_applies_the_best(runs, triton_server, tmp
     states = {(e["name"], e["version"]): e["state"] for e in client.model_states(triton_server.http_url)}
     assert states[(applied["model"], str(applied["version"]))] == "READY"
     assert not (Path(triton_server.repository) / "digits-cnn-sweep").exists()  # the scratch model is gone
+    provenance, _ = repository.newest_provenance(triton_server.repository, applied["model"])
+    assert provenance["recipe"] == "digits-cnn" and provenance["run_id"]  # kept from the version it was tuned from
 
 
 def test_the_ledger_has_an_entry_per_stage_with_flops_energy_and_reasons(runs):

@@ -339,3 +339,15 @@ def test_local_rebuild_without_tensorrt_raises_engine_mismatch_with_the_reason(i
     rebuild = local_rebuild(run, params.build_recipe(), params.tensorrt, params.precision, 8)
     with pytest.raises(EngineMismatch, match=r"cannot rebuild the fp16 engine for compute capability 8\.0 here: "):
         rebuild("fp16", "8.0")
+
+
+def test_a_run_from_an_older_version_still_prints_its_report_and_says_why_its_tables_cannot(capsys, tes_home):
+    old = tes_home / "runs" / "old-run"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text(json.dumps({"run_id": "old-run", "stages": {}}))
+    (old / "report.md").write_text("# an old report\n")
+    code, out, _ = tes(capsys, "report", str(old))
+    assert code == 0 and "an old report" in out
+    for command in ("variants", "ledger"):
+        code, out, err = tes(capsys, command, str(old))
+        assert_one_error(code, out, err, "older version")
