@@ -106,8 +106,6 @@ class RunDir:
     """A run's folder: one subfolder per stage, `manifest.json` (every stage's result as it finishes),
     `summary.json` and `report.md` (when the run completed), and the ledger."""
 
-    STAGES = ("train", "export", "precision", "tensorrt", "benchmark")
-
     def __init__(self, path: str | Path, create: bool = True):
         self.path = Path(path)
         if create:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 from core import paths
-from core.files import atomic_write_json, sha256_file
+from core.files import atomic_write_json
+from core.results import Artifact
 from flows.params import PipelineParams
 from recipes import Recipe
 
-CACHED_STAGES = ("train", "export", "precision")
 _SOURCE_PACKAGES = ("core", "recipes", "training", "export")
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +53,8 @@ def _index() -> dict[str, str]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def lookup(key: str | None) -> dict | None:
-    """The cached stage results for `key`, if that run completed and its artifacts are intact."""
+def lookup(key: str | None, stages_wanted: Iterable[str]) -> dict | None:
+    """The results of `stages_wanted` in the run cached under `key`, if it completed and their artifacts are intact."""
     if key is None or key not in _index():
         return None
     manifest_path = Path(_index()[key]) / "manifest.json"
@@ -61,14 +62,12 @@ def lookup(key: str | None) -> dict | None:
         return None
     manifest = json.loads(manifest_path.read_text())
     stages = manifest.get("stages", {})
-    if manifest.get("status") != "completed" or any(stages.get(s, {}).get("status") != "ok" for s in CACHED_STAGES):
+    wanted = list(stages_wanted)
+    if manifest.get("status") != "completed" or any(stages.get(s, {}).get("status") != "ok" for s in wanted):
         return None
-    for stage in CACHED_STAGES:
-        for artifact in stages[stage]["artifacts"]:
-            path = Path(artifact["path"])
-            if not path.is_file() or sha256_file(path) != artifact["sha256"]:
-                return None
-    return {"run_dir": str(manifest_path.parent), "stages": {s: stages[s] for s in CACHED_STAGES}}
+    if not all(Artifact(**artifact).intact() for stage in wanted for artifact in stages[stage]["artifacts"]):
+        return None
+    return {"run_dir": str(manifest_path.parent), "stages": {s: stages[s] for s in wanted}}
 
 
 def remember(key: str | None, run_dir: Path) -> None:

@@ -130,7 +130,7 @@ def run_pipeline(
     run.update(params=params.model_dump(mode="json"), recipe=recipe.describe(), status="running", cache_key=key)
     log.info("run folder: %s", run.path)
     ledger = Ledger(params.prices)
-    stage = _Stages(run, ledger, call, str(pick_device(params.training.device)), cache.lookup(key))
+    stage = _Stages(run, ledger, call, str(pick_device(params.training.device)), cache.lookup(key, REUSABLE))
     try:
         trained, exported, precision, engine = _build(stage, recipe, params, run)
         deployed, served, benchmark = _serve(stage, recipe, params, run, endpoint, trained, precision)
