@@ -24,6 +24,7 @@ import psutil
 
 from bench.senders import open_sender
 from core.errors import InferenceError, ServerError
+from core.stats import percentile_ci  # noqa: F401  (re-exported: the load point CIs use it)
 from serving.client import connect
 
 Protocol = Literal["http", "grpc"]
@@ -83,16 +84,6 @@ class LoadPoint:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def percentile_ci(sorted_values: np.ndarray, q: float, z: float = 1.96) -> tuple[float, float]:
-    """Distribution-free CI of the q-quantile from order statistics (normal approximation of the binomial)."""
-    n = len(sorted_values)
-    if n == 0:
-        return (math.nan, math.nan)
-    spread = z * math.sqrt(n * q * (1 - q))
-    low, high = max(0, math.floor(n * q - spread) - 1), min(n - 1, math.ceil(n * q + spread))
-    return float(sorted_values[low]), float(sorted_values[high])
 
 
 def is_stable(windows: list[Window], tolerance: float) -> bool:

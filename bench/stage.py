@@ -117,7 +117,7 @@ def baselines(
             throughput_per_s=throughput,
             batch=batch,
         )
-        for name, (latency, throughput) in measured.items()
+        for name, (latency, throughput, _) in measured.items()
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -74,24 +74,42 @@ def open_session(
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+class Speed(NamedTuple):
+    latency_p50_ms: float  # batch 1
+    throughput_per_s: float  # samples/s at the batch
+    round_batch_s: tuple[float, ...]  # per round, the median seconds of one batch call: rounds pair up across sessions
+
+
 def measure_speed(
     sessions: dict, single: dict, batch: dict, repeats: int, block: int = 4, rest_s: float = 0.05
-) -> dict[str, tuple[float, float]]:
-    """Per variant: (p50 ms at batch 1, samples/s at the batch). Variants take turns in blocks of `block` calls
-    so slow drifts of the machine hit all alike; the first call of a block is not counted, because the session
-    that ran just before may still hold the cores (ONNX Runtime's threads spin-wait after their work)."""
+) -> dict[str, Speed]:
+    """Per session: p50 at batch 1, samples/s at the batch, and the batch time of each round. Sessions take turns
+    in rounds, `block` calls each, so slow drifts of the machine hit all alike and round k of two sessions can be
+    compared; the first call of a block is not counted, because the session that ran just before may still hold
+    the cores (ONNX Runtime's threads spin-wait after their work)."""
     batch_size = len(next(iter(batch.values())))
-    timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in sessions}
+    ones: dict[str, list[float]] = {name: [] for name in sessions}
+    rounds: dict[str, list[list[float]]] = {name: [] for name in sessions}
     for _ in range(max(1, repeats // (block - 1))):
         for name, session in sessions.items():
-            for inputs, bucket in ((single, timings[name][0]), (batch, timings[name][1])):
-                time.sleep(rest_s)  # let the previous session's spinning threads go idle
-                for call in range(block):
-                    start = time.perf_counter()
-                    session.run(None, inputs)
-                    if call:
-                        bucket.append(time.perf_counter() - start)
+            ones[name] += _timed_calls(session, single, block, rest_s)
+            rounds[name].append(_timed_calls(session, batch, block, rest_s))
     return {
-        name: (statistics.median(one) * 1e3, batch_size / statistics.median(many))
-        for name, (one, many) in timings.items()
+        name: Speed(
+            statistics.median(ones[name]) * 1e3,
+            batch_size / statistics.median([t for timings in rounds[name] for t in timings]),
+            tuple(statistics.median(timings) for timings in rounds[name]),
+        )
+        for name in sessions
     }
+
+
+def _timed_calls(session, inputs: dict, block: int, rest_s: float) -> list[float]:
+    time.sleep(rest_s)  # let the previous session's spinning threads go idle
+    seconds = []
+    for call in range(block):
+        start = time.perf_counter()
+        session.run(None, inputs)
+        if call:
+            seconds.append(time.perf_counter() - start)
+    return seconds

@@ -12,10 +12,11 @@ Each variant is scored on the recipe's validation split with the recipe's own me
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core.files import atomic_write_json
 from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
 from core.runtimes import measure_speed, open_session, runtime_of
+from core.stats import percentile_ci
 from export import quantize
 from export.quantize import ALL_VARIANTS
 from recipes import Recipe
@@ -92,7 +94,8 @@ class VariantReport:
     top1_agreement: float = 1.0
     latency_p50_ms: float = 0.0  # batch 1
     throughput_per_s: float = 0.0  # samples/s at speed_batch_size
-    speedup_vs_fp32: float = 1.0
+    speedup_vs_fp32: float = 1.0  # median over interleaved rounds of FP32's batch time over this variant's
+    speedup_interval: tuple[float, float] | None = None  # 95% interval of that median (order statistics)
     status: Literal["accepted", "rejected", "skipped"] = "accepted"
     reason: str = ""
     excluded_nodes: list[str] = field(default_factory=list)
@@ -162,14 +165,37 @@ def accuracy_gate(recipe: Recipe, report: VariantReport, fp32: VariantReport, bu
     return None
 
 
-def speed_gate(report: VariantReport, fp32: VariantReport, min_speedup: float) -> str | None:
-    report.speedup_vs_fp32 = report.throughput_per_s / fp32.throughput_per_s if fp32.throughput_per_s else 0.0
-    if report.speedup_vs_fp32 < min_speedup:
-        return (
-            f"speed gate: {report.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f} "
-            f"({report.speedup_vs_fp32:.2f}x, needs at least {min_speedup:.2f}x)"
-        )
-    return None
+def speedup_interval(rounds: Sequence[float], fp32_rounds: Sequence[float]) -> tuple[float, float, float]:
+    """(median, low, high) of the speed-up over FP32, from batch times measured in the same interleaved rounds:
+    round k of both ran back to back, so each round's ratio cancels what the machine was doing then."""
+    ratios = sorted(reference / own for own, reference in zip(rounds, fp32_rounds))
+    low, high = percentile_ci(ratios, 0.5)
+    return statistics.median(ratios), low, high
+
+
+def speed_gate(
+    report: VariantReport, fp32: VariantReport, min_speedup: float, rounds: tuple[Sequence[float], Sequence[float]] = ()
+) -> str | None:
+    """None (accepted) when the variant is at least `min_speedup` times faster than FP32, else why not. With the
+    per-round batch times of both (`rounds`: the variant's, FP32's), the decision is the interval's: above the
+    threshold accepts, below it rejects, and one that straddles it is rejected as not distinguishable, with the
+    interval, since noise alone could have put the median on either side."""
+    if not rounds:
+        report.speedup_vs_fp32 = report.throughput_per_s / fp32.throughput_per_s if fp32.throughput_per_s else 0.0
+        low = high = report.speedup_vs_fp32
+    else:
+        report.speedup_vs_fp32, low, high = speedup_interval(*rounds)
+        report.speedup_interval = (low, high)
+    measured = (
+        f"{report.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f} ({report.speedup_vs_fp32:.2f}x"
+        + (f", 95% interval {low:.2f}x..{high:.2f}x over {len(rounds[0])} rounds" if rounds else "")
+        + f"; needs at least {min_speedup:.2f}x)"
+    )
+    if low >= min_speedup:
+        return None
+    if high < min_speedup:
+        return f"speed gate: {measured}"
+    return f"speed gate: not distinguishable from the threshold: {measured}"
 
 
 def select(reports: list[VariantReport], policy: Policy) -> VariantReport:
@@ -237,13 +263,15 @@ def build_and_score(
             sessions[name] = session
     speed_inputs = recipe.example_inputs(config.speed_batch_size)
     single = {key: value[:1] for key, value in speed_inputs.items()}
-    for name, (latency, throughput) in measure_speed(sessions, single, speed_inputs, config.speed_repeats).items():
+    speeds = measure_speed(sessions, single, speed_inputs, config.speed_repeats)
+    for name, (latency, throughput, _) in speeds.items():
         report = next(r for r in reports if r.name == name)
         report.latency_p50_ms, report.throughput_per_s = latency, throughput
     fp32 = reports[0]
     for report in reports[1:]:
         if report.status == "accepted":
-            reason = speed_gate(report, fp32, config.min_speedup)
+            rounds = (speeds[report.name].round_batch_s, speeds["fp32"].round_batch_s)
+            reason = speed_gate(report, fp32, config.min_speedup, rounds)
             if reason:
                 report.status, report.reason = "rejected", reason
     select(reports, config.policy).serves_alias = True
@@ -310,11 +338,16 @@ def table_rows(
                 f"{r.top1_agreement:.3f}" if scored else "-",
                 f"{r.latency_p50_ms:.2f} ms" if timed_ else "-",
                 f"{r.throughput_per_s:.0f}/s" if timed_ else "-",
-                f"{r.speedup_vs_fp32:.2f}x" if timed_ else "-",
+                _speedup_cell(r) if timed_ else "-",
                 decision,
             ]
         )
     return rows
+
+
+def _speedup_cell(report: VariantReport) -> str:
+    interval = report.speedup_interval
+    return f"{report.speedup_vs_fp32:.2f}x" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
 
 def table_header(primary_metric: str) -> list[str]:
@@ -327,7 +360,7 @@ def table_header(primary_metric: str) -> list[str]:
         "top-1 agree",
         "p50 b=1",
         "throughput",
-        "speedup",
+        "speedup [95% interval]",
         "decision",
     ]
 

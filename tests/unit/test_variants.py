@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.runtimes import openvino_has_bf16
+from core.runtimes import measure_speed, openvino_has_bf16
 from export.onnx_export import ExportConfig, export_onnx
 from export.quantize import build_int8_static, quantized_nodes
-from export.variants import PrecisionConfig, VariantReport, build_and_score, select
+from export.variants import PrecisionConfig, VariantReport, build_and_score, select, speed_gate
 from recipes import build_recipe
 from recipes.evaluation import load_trained
 from tests.conftest import TINY_DIGITS, TINY_GPT
@@ -86,6 +86,43 @@ def test_speed_gate_rejects_a_variant_that_is_not_faster(digits):
     assert dynamic.status == "rejected" and dynamic.reason.startswith("speed gate:")
     assert f"{dynamic.throughput_per_s:.1f} samples/s vs FP32 {fp32.throughput_per_s:.1f}" in dynamic.reason
     assert fp32.serves_alias
+
+
+FP32_ROUNDS = [1.0] * 8  # seconds per batch in each interleaved round: given timings, nothing is timed here
+
+
+def test_the_speed_gate_accepts_only_when_the_whole_interval_clears_the_threshold():
+    fp32 = VariantReport(name="fp32", throughput_per_s=100.0)
+    faster = VariantReport(name="int8-dynamic", throughput_per_s=200.0)
+    assert speed_gate(faster, fp32, 1.05, ([0.5] * 8, FP32_ROUNDS)) is None
+    assert faster.speedup_vs_fp32 == 2.0 and faster.speedup_interval == (2.0, 2.0)
+
+
+def test_the_speed_gate_rejects_when_the_whole_interval_is_below_the_threshold():
+    fp32, slower = VariantReport(name="fp32", throughput_per_s=100.0), VariantReport(name="fp16", throughput_per_s=90.0)
+    reason = speed_gate(slower, fp32, 1.05, ([1.1, 1.12, 1.08, 1.1, 1.11, 1.09, 1.1, 1.1], FP32_ROUNDS))
+    assert reason.startswith("speed gate: 90.0 samples/s vs FP32 100.0 (0.91x, 95% interval 0.89x..0.93x over 8 rounds")
+    assert "not distinguishable" not in reason
+
+
+def test_a_speed_up_that_noise_could_put_on_either_side_is_not_distinguishable_and_rejected():
+    fp32, noisy = VariantReport(name="fp32", throughput_per_s=100.0), VariantReport(name="fp16", throughput_per_s=106.0)
+    ratios = (0.9, 1.0, 1.1, 1.2, 0.95, 1.15, 1.05, 1.0)  # median 1.025, spread on both sides of 1.05
+    reason = speed_gate(noisy, fp32, 1.05, ([1 / r for r in ratios], FP32_ROUNDS))
+    assert reason.startswith("speed gate: not distinguishable from the threshold")
+    assert "95% interval 0.90x..1.20x over 8 rounds; needs at least 1.05x" in reason
+    noisy_but_above = VariantReport(name="fp16", throughput_per_s=110.0)
+    ratios = (1.0, 1.1, 1.1, 1.12, 1.15, 1.1, 1.08, 1.2)  # median 1.1 > 1.05, but the interval reaches 1.0
+    assert "not distinguishable" in speed_gate(noisy_but_above, fp32, 1.05, ([1 / r for r in ratios], FP32_ROUNDS))
+
+
+def test_speed_is_measured_in_rounds_that_pair_up_across_sessions():
+    class Instant:
+        def run(self, _names, _feeds):
+            return [sum(range(1000))]  # a little work, so that no timed call takes zero seconds
+
+    speeds = measure_speed({"fp32": Instant(), "fp16": Instant()}, {"x": [0]}, {"x": [0, 0]}, repeats=12, rest_s=0)
+    assert [len(speed.round_batch_s) for speed in speeds.values()] == [4, 4]  # 12 timed calls, 3 per round
 
 
 class _Untouchable:
