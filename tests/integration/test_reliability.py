@@ -196,19 +196,32 @@ def test_a_deployment_killed_midway_leaves_nothing_half_written(locked, onnx_fil
 
 # 9. Faults under load: deadlines, full queues ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def slow(locked, tmp_path_factory) -> str:
-    """A model wide enough that one request takes milliseconds, one at a time, with room for one waiting request."""
+def slow_onnx(tmp_path_factory) -> str:
+    """A model wide enough that one request takes milliseconds."""
     recipe = build_recipe("stdlib-gpt", {**TINY_GPT, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128})
-    onnx_path = export_onnx(
-        recipe,
-        recipe.build_model(),
-        tmp_path_factory.mktemp("slow"),
-        ExportConfig(verify_batch_sizes=(1,), verify_samples=1),
+    folder = tmp_path_factory.mktemp("slow")
+    return export_onnx(
+        recipe, recipe.build_model(), folder, ExportConfig(verify_batch_sizes=(1,), verify_samples=1)
     ).output.onnx
+
+
+def _serve_slow(server, onnx_path: str, name: str, config: ServingConfig) -> str:
+    repository.write_version(server.repository, name, onnx_path, config)
+    client.load_model(server.http_url, name, admin_key=KEY)
+    return name
+
+
+@pytest.fixture(scope="module")
+def slow(locked, slow_onnx) -> str:
+    """The slow model for deadlines: requests a client gave up on still run, so it has a model of its own."""
+    return _serve_slow(locked, slow_onnx, "slow", ServingConfig(max_batch_size=1))
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(locked, slow_onnx) -> str:
+    """The slow model run one request at a time, with room for one waiting request."""
     config = ServingConfig(max_batch_size=1, max_queue_size=1, max_queue_delay_microseconds=0)
-    repository.write_version(locked.repository, "slow", onnx_path, config)
-    client.load_model(locked.http_url, "slow", admin_key=KEY)
-    return "slow"
+    return _serve_slow(locked, slow_onnx, "one-at-a-time", config)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -221,7 +234,7 @@ def test_a_client_deadline_gives_a_timeout_error(locked, slow, protocol):
     assert client.infer(_url(locked, protocol), MODEL, GOOD, protocol, timeout_s=10)["logits"].shape == (1, 256)
 
 
-def test_a_full_queue_rejects_requests_fast(locked, slow):
+def test_a_full_queue_rejects_requests_fast(locked, one_at_a_time):
     tokens = {"tokens": np.random.default_rng(1).integers(0, 256, (1, 128), dtype=np.int64)}
     grpc = grpcclient.InferenceServerClient(locked.grpc_url)
     results, done = [], threading.Semaphore(0)
@@ -234,7 +247,7 @@ def test_a_full_queue_rejects_requests_fast(locked, slow):
 
     start = time.perf_counter()
     for _ in range(24):
-        grpc.async_infer(slow, [request], callback)
+        grpc.async_infer(one_at_a_time, [request], callback)
     for _ in range(24):
         assert done.acquire(timeout=60)
     grpc.close()
