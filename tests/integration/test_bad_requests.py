@@ -18,8 +18,9 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
+from core.errors import InferenceError
 from core.runtimes import open_session
 from export.onnx_export import ExportConfig, export_onnx
 from recipes import build_recipe
@@ -164,20 +165,12 @@ def _url(server, protocol: str) -> str:
 
 
 def _refusal(server, protocol: str, model: str, inputs: dict[str, np.ndarray]) -> InferenceServerException:
-    """Send `inputs` as they are (no client-side checks) and return the server's error; fail if it answered."""
-    module = httpclient if protocol == "http" else grpcclient
-    connection = module.InferenceServerClient(_url(server, protocol))
-    try:
-        request = []
-        for name, array in inputs.items():
-            tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            request.append(tensor)
-        with pytest.raises(InferenceServerException) as caught:
-            connection.infer(model, request)
-        return caught.value
-    finally:
-        connection.close()
+    """Send `inputs` as they are (`serving.client.infer` checks nothing itself) and return the server's error,
+    with its status; fail if it answered."""
+    with pytest.raises(InferenceError) as caught:
+        client.infer(_url(server, protocol), model, inputs, protocol)
+    assert isinstance(caught.value.__cause__, InferenceServerException), caught.value
+    return caught.value.__cause__
 
 
 def _assert_healthy_and_serving(server, protocol: str, model: str, family: str) -> None:
