@@ -21,7 +21,7 @@ from bench import loadgen, output, system
 from bench.loadgen import LoadPoint
 from core import paths
 from core.results import Artifact, RunDir, StageOutput, StageResult, Status, new_run_id, timed
-from core.runtimes import measure_speed, open_session
+from core.runtimes import RuntimeSettings, measure_speed, open_session
 from recipes import Recipe, build_recipe
 from recipes.evaluation import load_trained, torch_predictor
 from serving import client, repository
@@ -97,9 +97,13 @@ def baselines(
     recipe: Recipe, provenance: dict, version_dir: Path, config: ServingConfig, batch: int = 8
 ) -> list[Baseline]:
     """In-process latency (batch 1) and throughput (batch `batch`) of the served file and of torch eager."""
+    settings = RuntimeSettings(**config.runtime_settings)
+    label = config.runtime + (f" {config.runtime_precision}" if config.runtime_precision else "")
+    if config.runtime_settings:
+        label += f" ({settings.label()})"
     sessions = {
-        config.runtime + (f" {config.runtime_precision}" if config.runtime_precision else ""): open_session(
-            version_dir / "model.onnx", config.runtime, config.runtime_precision or None
+        label: open_session(
+            version_dir / config.model_file, config.runtime, config.runtime_precision or None, settings=settings
         )
     }
     run_dir = provenance.get("run_dir")  # absent for a model deployed by hand

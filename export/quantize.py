@@ -31,7 +31,17 @@ from core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-ALL_VARIANTS: tuple[str, ...] = ("fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8")
+ALL_VARIANTS: tuple[str, ...] = (
+    "fp32",
+    "int8-dynamic",
+    "int8-static",
+    "fp16",
+    "openvino-bf16",
+    "openvino-int8",
+    "openvino-nncf",
+    "torch-compile",
+    "torchao-int8",
+)
 CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,

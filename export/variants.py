@@ -16,17 +16,18 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.files import atomic_write_json
 from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
-from core.runtimes import measure_speed, open_session, runtime_of
+from core.runtimes import RuntimeSettings, measure_speed, open_session, runtime_of, settings_candidates
 from core.stats import percentile_ci
-from export import quantize
+from export import openvino_quant, quantize
 from export.quantize import ALL_VARIANTS
+from export.torch_variants import TORCH_VARIANTS, build_torch_variant
 from recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ class PrecisionConfig(BaseModel):
     exclusion_retries: int = Field(2, ge=0, le=10, description="retries of static INT8 with drifting nodes excluded")
     nodes_per_retry: int = Field(3, ge=1, le=100)
     policy: Policy = Field("max-throughput", description="which accepted variant serves the plain model name")
+    nncf_model_type: openvino_quant.ModelKind = Field(
+        "auto", description="NNCF's preset: transformer, default, or auto (transformer when the graph has attention)"
+    )
+    nncf_accuracy_control: bool = Field(
+        True, description="when NNCF's plain INT8 fails the accuracy gate, retry with its accuracy control"
+    )
+    tune_settings: bool = Field(
+        True,
+        description="time each variant with its few runtime settings (f32/bf16 float layers, hints); keep the fastest",
+    )
 
     @field_validator("variants")
     @classmethod
@@ -103,6 +114,14 @@ class VariantReport:
     serves_alias: bool = False
     build_seconds: float = 0.0  # wall time to build, calibrate, retry and score this variant
     build_cpu_seconds: float = 0.0  # CPU time of this process over the same span (for the energy ledger)
+    files: list[str] = field(default_factory=list)  # files the model file needs beside it (an OpenVINO IR's .bin)
+    method: str = ""  # how it was made, when a variant has more than one way (NNCF's accuracy control)
+    settings: dict[str, Any] = field(default_factory=dict)  # the runtime settings it runs with (RuntimeSettings)
+    settings_index: int = 0  # which of its settings candidates won
+    settings_tried: list[dict[str, Any]] = field(default_factory=list)  # every candidate, timed or why not
+
+    def runtime_settings(self) -> RuntimeSettings:
+        return RuntimeSettings(**self.settings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,14 +142,23 @@ class PrecisionOutput(StageOutput):
 
 
 def precision_stage(
-    recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: PrecisionConfig
+    recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: PrecisionConfig, weights: str | Path | None
 ) -> StageResult[PrecisionOutput]:
-    """Every precision variant built, scored on validation data and gated against FP32; `variants.json` beside them."""
+    """Every precision variant built, scored on validation data and gated against FP32; `variants.json` beside them.
+    `weights` (the trained torch model) is what the torch-native candidates compile; None skips them."""
     with timed() as clock:
-        reports = build_and_score(recipe, onnx_path, out_dir, config)
+        reports = build_and_score(recipe, onnx_path, out_dir, config, weights)
     atomic_write_json(Path(out_dir) / VARIANTS_FILE, [r.to_dict() for r in reports])
     selected = next(r.name for r in reports if r.serves_alias)
-    artifacts = tuple(Artifact(path=r.path, sha256=r.sha256, bytes=r.bytes) for r in reports if r.path and r.sha256)
+    artifacts = tuple(
+        artifact
+        for r in reports
+        if r.path and r.sha256
+        for artifact in (
+            Artifact(path=r.path, sha256=r.sha256, bytes=Path(r.path).stat().st_size),
+            *map(Artifact.of, r.files),
+        )
+    )
     output = PrecisionOutput(
         variants=tuple(reports), selected=selected, policy=config.policy, primary_metric=recipe.primary_metric
     )
@@ -206,71 +234,120 @@ def select(reports: list[VariantReport], policy: Policy) -> VariantReport:
     return min(accepted, key=lambda r: r.latency_p50_ms)
 
 
-def _build(
-    name: str,
-    fp32_path: Path,
-    out_dir: Path,
-    calibration: list,
-    config: PrecisionConfig,
-    exclude: list[str],
-    attempt: int,
-) -> Path:
-    if name == "fp32":
+@dataclass
+class _Context:
+    """What building a variant needs besides its name."""
+
+    recipe: Recipe
+    fp32_path: Path
+    out_dir: Path
+    weights: Path | None
+    calibration: list
+    config: PrecisionConfig
+    held_out: list  # validation batches beyond those the gate scores (NNCF's accuracy control validates on them)
+
+
+def _build(name: str, context: _Context, exclude: list[str], attempt: int) -> Path:
+    config, fp32_path, out_dir = context.config, context.fp32_path, context.out_dir
+    if name in ("fp32", "openvino-bf16"):  # OpenVINO compiles the FP32 graph with bf16 inference precision
         return fp32_path
     if name == "int8-dynamic":
         return quantize.build_int8_dynamic(fp32_path, out_dir)
-    if name in (
-        "int8-static",
-        "openvino-int8",
-    ):  # OpenVINO runs a QDQ model with its own int8 kernels, best with S8 activations
-        file_name = f"{name}-{attempt}" if attempt else name
+    if name in ("int8-static", "openvino-int8"):
+        # OpenVINO runs a QDQ model with its own int8 kernels, best with S8 activations
         return quantize.build_int8_static(
             fp32_path,
             out_dir,
-            calibration,
+            context.calibration,
             config.calibration_method,
             config.per_channel,
             exclude,
-            name=file_name,
+            name=f"{name}-{attempt}" if attempt else name,
             op_types=config.static_op_types or None,
             weights_only=config.static_weights_only,
             symmetric_activations=name == "openvino-int8",
         )
-    if name == "openvino-bf16":  # OpenVINO compiles the FP32 graph with bf16 inference precision
-        return fp32_path
+    if name == "openvino-nncf":
+        if attempt == 0:
+            return openvino_quant.build_openvino_nncf(fp32_path, out_dir, context.calibration, config.nncf_model_type)
+        recipe = context.recipe
+        return openvino_quant.build_openvino_nncf_accuracy_control(
+            fp32_path,
+            out_dir,
+            context.calibration,
+            context.held_out,
+            lambda predict, batches: recipe.score([predict(b.inputs) for b in batches], [b.targets for b in batches])[
+                recipe.primary_metric
+            ],
+            max_drop=max(config.accuracy_budget, 0.0),
+            kind=config.nncf_model_type,
+        )
+    if name in TORCH_VARIANTS:
+        return build_torch_variant(context.recipe, context.weights, out_dir, name)
     return quantize.build_fp16(fp32_path, out_dir)
 
 
+def _retries(name: str, config: PrecisionConfig) -> int:
+    """How many rebuilds a variant rejected on accuracy gets: static INT8 excludes the drifting nodes, NNCF runs
+    its accuracy-controlled quantization once."""
+    if name in ("int8-static", "openvino-int8"):
+        return config.exclusion_retries
+    return 1 if name == "openvino-nncf" and config.nncf_accuracy_control else 0
+
+
 def build_and_score(
-    recipe: Recipe, fp32_path: str | Path, out_dir: str | Path, config: PrecisionConfig
+    recipe: Recipe,
+    fp32_path: str | Path,
+    out_dir: str | Path,
+    config: PrecisionConfig,
+    weights: str | Path | None = None,
+    measure: Callable[..., dict] = measure_speed,
 ) -> list[VariantReport]:
-    """Every configured variant, built, scored and gated; exactly one accepted variant has `serves_alias`."""
+    """Every configured variant, built, scored and gated; exactly one accepted variant has `serves_alias`.
+
+    Each variant that passes the accuracy gate is then timed with each of its runtime settings
+    (`settings_candidates`: float layers in f32 or bf16, OpenVINO's hint, ONNX Runtime's spinning and graph
+    optimisation level), all sessions in the same interleaved rounds (`measure`, replaceable for tests); a
+    setting that changes the precision is scored again and must pass the accuracy gate too. Each variant keeps its
+    fastest setting (by the policy), and the speed gate compares that with FP32's fastest, round by round."""
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = list(recipe.eval_batches(32, config.score_samples))
-    calibration = recipe.calibration_inputs(config.calibration_samples)
-    fp32_session = open_session(fp32_path)
-    reference = _first_outputs(fp32_session, [b.inputs for b in batches])
-    reports, sessions = [], {}
+    scored_samples = sum(len(b.targets) for b in batches)
+    held_out = [b for i, b in enumerate(recipe.eval_batches(32, scored_samples + 512)) if i >= len(batches)]
+    context = _Context(
+        recipe,
+        fp32_path,
+        out_dir,
+        Path(weights) if weights else None,
+        recipe.calibration_inputs(config.calibration_samples),
+        config,
+        held_out,
+    )
+    reference = _first_outputs(open_session(fp32_path), [b.inputs for b in batches])
+    reports: list[VariantReport] = []
+    sessions: dict[tuple[str, int], Any] = {}
+    candidates: dict[str, list] = {}
     for name in config.variants:
         wall, cpu = time.perf_counter(), time.process_time()
-        report, session = _build_scored(
-            recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports
-        )
+        report, session = _build_scored(context, name, batches, reference, reports)
+        if session is not None:
+            candidates[name] = _settings_sessions(context, report, session, batches, reference, reports, sessions)
         report.build_seconds, report.build_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
         reports.append(report)
-        if session is not None:
-            sessions[name] = session
     speed_inputs = recipe.example_inputs(config.speed_batch_size)
     single = {key: value[:1] for key, value in speed_inputs.items()}
-    speeds = measure_speed(sessions, single, speed_inputs, config.speed_repeats)
-    for name, (latency, throughput, _) in speeds.items():
-        report = next(r for r in reports if r.name == name)
-        report.latency_p50_ms, report.throughput_per_s = latency, throughput
+    speeds = measure(sessions, single, speed_inputs, config.speed_repeats)
+    for report in reports:
+        if report.name in candidates:
+            _keep_fastest(report, candidates[report.name], speeds, config.policy)
     fp32 = reports[0]
     for report in reports[1:]:
         if report.status == "accepted":
-            rounds = (speeds[report.name].round_batch_s, speeds["fp32"].round_batch_s)
+            rounds = (
+                speeds[report.name, report.settings_index].round_batch_s,
+                speeds["fp32", fp32.settings_index].round_batch_s,
+            )
             reason = speed_gate(report, fp32, config.min_speedup, rounds)
             if reason:
                 report.status, report.reason = "rejected", reason
@@ -278,39 +355,107 @@ def build_and_score(
     return reports
 
 
-def _build_scored(recipe, name, fp32_path, out_dir, calibration, config, batches, reference, reports):
-    """Build one variant and apply the accuracy gate; static INT8 retries with drifting nodes excluded."""
+def _settings_sessions(context, report, session, batches, reference, reports, sessions) -> list:
+    """Open a session per runtime setting of an accepted variant (into `sessions`, keyed (variant, index)); a
+    setting that changes the precision is scored and gated first. Returns [(precision, settings, scores)] by index,
+    `scores` being the report of that precision's scoring (None: the variant's own)."""
+    tried = settings_candidates(report.runtime, report.runtime_precision)
+    if not context.config.tune_settings:
+        tried = tried[:1]
+    sessions[report.name, 0] = session
+    kept = [(*tried[0], None)]
+    for index, (precision, settings) in enumerate(tried[1:], start=1):
+        kept.append((precision, settings, None))
+        try:
+            candidate = open_session(report.path, report.runtime, precision, settings=settings)
+        except Exception as error:  # a setting this machine cannot run is left out
+            report.settings_tried.append({"precision": precision, "settings": settings.label(), "dropped": str(error)})
+            continue
+        if precision != report.runtime_precision:
+            trial = VariantReport(name=report.name, runtime=report.runtime, runtime_precision=precision)
+            score(context.recipe, trial, candidate, batches, reference)
+            reason = accuracy_gate(context.recipe, trial, reports[0], context.config.accuracy_budget)
+            if reason:
+                report.settings_tried.append({"precision": precision, "settings": settings.label(), "dropped": reason})
+                continue
+            kept[index] = (precision, settings, trial)
+        sessions[report.name, index] = candidate
+    return kept
+
+
+def _keep_fastest(report: VariantReport, tried: list, speeds: dict, policy: Policy) -> None:
+    """Record every timed setting of `report` and keep the fastest by the policy: its speed, precision and (when
+    the precision changed) its scores become the report's."""
+    timed_ = {index: speeds[report.name, index] for index in range(len(tried)) if (report.name, index) in speeds}
+    for index, speed in timed_.items():
+        precision, settings, _ = tried[index]
+        report.settings_tried.append(
+            {
+                "precision": precision,
+                "settings": settings.label(),
+                "throughput_per_s": speed.throughput_per_s,
+                "latency_p50_ms": speed.latency_p50_ms,
+            }
+        )
+    if policy == "max-throughput":
+        best = max(timed_, key=lambda index: timed_[index].throughput_per_s)
+    else:
+        best = min(timed_, key=lambda index: timed_[index].latency_p50_ms)
+    precision, settings, trial = tried[best]
+    report.settings_index, report.runtime_precision = best, precision
+    report.settings = settings.model_dump(exclude_defaults=True)
+    report.latency_p50_ms, report.throughput_per_s = timed_[best].latency_p50_ms, timed_[best].throughput_per_s
+    if trial is not None:
+        for key in ("metrics", "metric_delta_relative", "max_abs_diff", "mean_abs_diff", "top1_agreement"):
+            setattr(report, key, getattr(trial, key))
+
+
+def _build_scored(context: _Context, name: str, batches: list, reference: list, reports: list):
+    """Build one variant and apply the accuracy gate; a rejected variant may be rebuilt (`_retries`)."""
+    config, recipe = context.config, context.recipe
     excluded: list[str] = []
     drift: list[dict[str, str | float]] = []
     runtime, runtime_precision = runtime_of(name)
-    retried = name in ("int8-static", "openvino-int8")
-    for attempt in range(config.exclusion_retries + 1 if retried else 1):
+    retries = _retries(name, config)
+    for attempt in range(retries + 1):
         report = VariantReport(
             name=name, excluded_nodes=list(excluded), drift=drift, runtime=runtime, runtime_precision=runtime_precision
         )
         try:
-            path = _build(name, fp32_path, out_dir, calibration, config, excluded, attempt)
+            path = _build(name, context, excluded, attempt)
             session = open_session(path, runtime, runtime_precision)
         except Exception as error:  # ORT raises plain exceptions for kernels it lacks; the variant is skipped
             report.status, report.reason = "skipped", f"cannot build or run {name} here: {error}"
             return report, None
         artifact = Artifact.of(path)
         report.path, report.bytes, report.sha256 = str(path), artifact.bytes, artifact.sha256
+        report.files = [str(p) for p in openvino_quant.companion_files(path)]
+        report.bytes += sum(Path(p).stat().st_size for p in report.files)
+        if name == "openvino-nncf" and attempt:
+            report.method = "nncf accuracy control"
         score(recipe, report, session, batches, reference)
         reason = accuracy_gate(recipe, report, reports[0], config.accuracy_budget) if reports else None
         if reason is None:
             return report, session
         report.status, report.reason = "rejected", reason
-        if not retried or attempt == config.exclusion_retries:
+        if attempt == retries:
             return report, None
+        if name == "openvino-nncf":
+            log.info("%s: %s; retrying with NNCF's accuracy control", name, reason)
+            continue
         quantized = quantize.quantized_nodes(
-            quantize.preprocess(fp32_path, out_dir),
+            quantize.preprocess(context.fp32_path, context.out_dir),
             config.static_op_types or None,
             config.static_weights_only,
             excluded,
         )
         drift = quantize.qdq_drift(
-            fp32_path, path, out_dir, calibration[:4], top=config.nodes_per_retry, quantized=quantized
+            context.fp32_path,
+            path,
+            context.out_dir,
+            context.calibration[:4],
+            top=config.nodes_per_retry,
+            quantized=quantized,
         )
         excluded += [item["node"] for item in drift if item["node"] not in excluded]
         log.info("%s: %s; retrying without %s", name, reason, excluded)
@@ -339,6 +484,7 @@ def table_rows(
                 f"{r.latency_p50_ms:.2f} ms" if timed_ else "-",
                 f"{r.throughput_per_s:.0f}/s" if timed_ else "-",
                 _speedup_cell(r) if timed_ else "-",
+                settings_cell(r),
                 decision,
             ]
         )
@@ -348,6 +494,18 @@ def table_rows(
 def _speedup_cell(report: VariantReport) -> str:
     interval = report.speedup_interval
     return f"{report.speedup_vs_fp32:.2f}x" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def settings_cell(report: VariantReport) -> str:
+    """What the variant runs with: the runtime, its precision and any non-default setting (and the method)."""
+    parts = [report.runtime + (f" {report.runtime_precision}" if report.runtime_precision else "")]
+    parts += [f"{key}={value}" for key, value in report.settings.items()]
+    if report.method:
+        parts.append(report.method)
+    timed_settings = sum(1 for entry in report.settings_tried if "throughput_per_s" in entry)
+    if timed_settings > 1:
+        parts.append(f"best of {timed_settings}")
+    return ", ".join(parts)
 
 
 def table_header(primary_metric: str) -> list[str]:
@@ -361,6 +519,7 @@ def table_header(primary_metric: str) -> list[str]:
         "p50 b=1",
         "throughput",
         "speedup [95% interval]",
+        "runtime settings",
         "decision",
     ]
 

@@ -170,7 +170,13 @@ def _build(stage: _Stages, recipe: Recipe, params: PipelineParams, run: RunDir) 
     )
     onnx_path = exported.output.onnx
     precision = stage.reused_or_run(
-        "precision", precision_stage, recipe, onnx_path, run.stage_dir("precision"), params.precision
+        "precision",
+        precision_stage,
+        recipe,
+        onnx_path,
+        run.stage_dir("precision"),
+        params.precision,
+        trained.output.weights,
     )
     batch_limit = max(1, params.serving_config(recipe).max_batch_size)
     engine = stage(
@@ -230,7 +236,10 @@ def _serve(
 
 
 def _deployables(precision: PrecisionOutput) -> list[Deployable]:
-    return [Deployable(v.name, v.path, v.runtime, v.runtime_precision or "") for v in precision.accepted]
+    return [
+        Deployable(v.name, v.path, v.runtime, v.runtime_precision or "", v.settings, tuple(v.files))
+        for v in precision.accepted
+    ]
 
 
 def _served_check(
@@ -240,7 +249,7 @@ def _served_check(
     if not deployed.loaded:
         return StageResult.skipped("served_check", deployed.load_skipped or "model not loaded")
     sessions = {
-        v.name: open_session(v.path, v.runtime, v.runtime_precision)
+        v.name: open_session(v.path, v.runtime, v.runtime_precision, settings=v.runtime_settings())
         for v in precision.accepted
         if v.name in deployed.variants
     }

@@ -5,7 +5,7 @@ of the selected one, so clients keep one URL; every version checksummed, then lo
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.results import StageOutput, StageResult, Status, timed
@@ -16,12 +16,15 @@ from serving.triton import Endpoint
 
 @dataclass(frozen=True)
 class Deployable:
-    """One model file to serve: the variant's name, its ONNX file and the runtime that runs it in the backend."""
+    """One model to serve: the variant's name, its model file (ONNX, OpenVINO IR `.xml`, AOTInductor `.pt2`), the
+    files it needs beside it, and the runtime, precision and settings the backend runs it with."""
 
     name: str
-    onnx_path: str
+    onnx_path: str  # the model file, whatever its format
     runtime: str = "onnxruntime"
     runtime_precision: str = ""
+    settings: dict = field(default_factory=dict)  # core.runtimes.RuntimeSettings fields that differ from defaults
+    files: tuple[str, ...] = ()  # beside the model file: an OpenVINO IR's .bin
 
 
 class DeployedVersion(StageOutput):
@@ -60,14 +63,23 @@ def deploy(
     (else `load_skipped` says why not)."""
     with timed() as clock:
         deployed = {}
+        # the tensors of every variant are FP32's: read from its ONNX file for models that are not ONNX (IR, .pt2)
+        interface = next((d.onnx_path for d in deployables if d.onnx_path.endswith(".onnx")), None)
         for item in deployables:
-            config = dataclasses.replace(serving, runtime=item.runtime, runtime_precision=item.runtime_precision)
+            config = dataclasses.replace(
+                serving,
+                runtime=item.runtime,
+                runtime_precision=item.runtime_precision,
+                runtime_settings=dict(item.settings),
+            )
             version = repository.write_version(
                 repository_path,
                 f"{model}-{item.name}",
                 item.onnx_path,
                 config,
                 provenance={**provenance, "variant": item.name},
+                companions=item.files,
+                interface=interface,
             )
             repository.verify_version(version.path)
             deployed[item.name] = DeployedVersion(

@@ -7,13 +7,14 @@ checksummed, then renamed to its number in one step, so Triton never sees a half
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import onnx
 from google.protobuf import text_format
@@ -52,8 +53,10 @@ class ServingConfig:
     intra_op_threads: int = 0  # 0: ONNX Runtime's default
     value_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     max_dims: dict[str, list[int]] = field(default_factory=dict)  # per input, the largest size of each axis
-    runtime: str = "onnxruntime"  # or "openvino": what the Python-backend model runs the ONNX file with
+    runtime: str = "onnxruntime"  # or "openvino", "torch": what the Python-backend model runs the model file with
     runtime_precision: str = ""  # OpenVINO's inference precision hint ("bf16", "f32")
+    runtime_settings: dict = field(default_factory=dict)  # core.runtimes.RuntimeSettings fields, as measured best
+    model_file: str = "model.onnx"  # the model file's name in the version folder (model.xml, model.pt2)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,10 @@ def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.Model
     config.parameters["runtime"].string_value = serving.runtime
     if serving.runtime_precision:
         config.parameters["runtime_precision"].string_value = serving.runtime_precision
+    if serving.runtime_settings:
+        config.parameters["runtime_settings"].string_value = json.dumps(serving.runtime_settings, sort_keys=True)
+    if serving.model_file != "model.onnx":
+        config.parameters["model_file"].string_value = serving.model_file
     return config
 
 
@@ -166,19 +173,39 @@ def parse_config(text: str) -> mc.ModelConfig:
 
 
 def write_version(
-    repository: str | Path, name: str, onnx_path: str | Path, serving: ServingConfig, provenance: dict | None = None
+    repository: str | Path,
+    name: str,
+    onnx_path: str | Path,
+    serving: ServingConfig,
+    provenance: dict | None = None,
+    companions: Iterable[str | Path] = (),
+    interface: str | Path | None = None,
 ) -> VersionResult:
-    """Write `repository/name/<next>/` (model.onnx, model.py, manifest.json) and `repository/name/config.pbtxt`."""
+    """Write `repository/name/<next>/` (the model file, the files it needs beside it, model.py, manifest.json) and
+    `repository/name/config.pbtxt`. The model file is ONNX, OpenVINO IR (`.xml`, with its `.bin` in `companions`)
+    or an AOTInductor package (`.pt2`); it is stored as `model<suffix>`, each companion as `model<its suffix>`.
+    The tensors come from the ONNX graph of `interface` (default: the model file itself)."""
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise RepositoryError(f"ONNX file {onnx_path} does not exist; run the export stage first")
+    sources = [onnx_path, *map(Path, companions)]
+    for source in sources:
+        if not source.is_file():
+            raise RepositoryError(f"model file {source} does not exist; run the export and precision stages first")
+    if onnx_path.suffix != ".onnx" and interface is None:
+        raise RepositoryError(f"{onnx_path} is not ONNX: pass the ONNX file whose tensors it takes as `interface`")
+    names = {source: f"model{source.suffix}" for source in sources}
+    if len(set(names.values())) != len(names):
+        raise RepositoryError(f"model files {[str(s) for s in sources]} would share a name in the version folder")
+    serving = dataclasses.replace(serving, model_file=names[onnx_path])
 
     def populate(staging: Path) -> None:
-        shutil.copyfile(onnx_path, staging / "model.onnx")
+        for source, target in names.items():
+            shutil.copyfile(source, staging / target)
         shutil.copyfile(BACKEND_MODEL_FILE, staging / "model.py")
 
-    files = {"model.onnx": sha256_file(onnx_path), "model.py": sha256_file(BACKEND_MODEL_FILE)}
-    return publish_version(repository, name, build_config(name, onnx_path, serving), populate, provenance, files)
+    files = {target: sha256_file(source) for source, target in names.items()}
+    files["model.py"] = sha256_file(BACKEND_MODEL_FILE)
+    config = build_config(name, Path(interface or onnx_path), serving)
+    return publish_version(repository, name, config, populate, provenance, dict(sorted(files.items())))
 
 
 def publish_version(
@@ -267,6 +294,8 @@ def serving_config_of(config: mc.ModelConfig) -> ServingConfig:
         max_dims=json.loads(parameter("max_dims", "{}")),
         runtime=parameter("runtime", "onnxruntime"),
         runtime_precision=parameter("runtime_precision", ""),
+        runtime_settings=json.loads(parameter("runtime_settings", "{}")),
+        model_file=parameter("model_file", "model.onnx"),
     )
 
 

@@ -1,7 +1,10 @@
-"""Triton Python-backend model that runs an ONNX file with ONNX Runtime (the `python` repository flavour).
+"""Triton Python-backend model that runs a variant's model file (the `python` repository flavour): an ONNX file with
+ONNX Runtime or OpenVINO, an OpenVINO IR with OpenVINO, an AOTInductor package with torch, with the runtime settings
+recorded in the config (`runtime`, `runtime_precision`, `runtime_settings`, `model_file`).
 
-Copied as-is into every version folder next to `model.onnx`; it needs only numpy, onnxruntime and Triton's
-`triton_python_backend_utils`, so it loads in the bundled server and in any Triton with a Python backend.
+Copied as-is into every version folder next to the model file; it needs numpy, onnxruntime and Triton's
+`triton_python_backend_utils` (plus openvino or torch for those runtimes), so it loads in the bundled server and in
+any Triton with a Python backend that has them.
 It validates every request against the model's config before running it, and runs the requests that
 Triton's dynamic batcher hands it together, one ONNX Runtime call per distinct input shape.
 
@@ -19,6 +22,12 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+_ORT_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 _TRITON_TO_NUMPY = {
     "TYPE_BOOL": np.bool_,
     "TYPE_UINT8": np.uint8,
@@ -70,35 +79,72 @@ class TritonPythonModel:
         self.output_names = [spec["name"] for spec in config["output"]]
         self.value_ranges = json.loads(_parameter(config, "value_ranges", "{}"))
         self.max_dims = json.loads(_parameter(config, "max_dims", "{}"))
-        onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        threads = int(_parameter(config, "intra_op_threads", "0"))
-        if _parameter(config, "runtime", "onnxruntime") == "openvino":
-            self._infer = self._openvino(onnx_path, _parameter(config, "runtime_precision", "bf16"), threads)
+        model_path = os.path.join(
+            args["model_repository"], args["model_version"], _parameter(config, "model_file", "model.onnx")
+        )
+        settings = json.loads(_parameter(config, "runtime_settings", "{}"))  # core.runtimes.RuntimeSettings fields
+        threads = int(_parameter(config, "intra_op_threads", "0")) or int(settings.get("threads", 0))
+        runtime = _parameter(config, "runtime", "onnxruntime")
+        if runtime == "openvino":
+            self._infer = self._openvino(model_path, _parameter(config, "runtime_precision", "bf16"), threads, settings)
+            return
+        if runtime == "torch":
+            self._infer = self._torch(model_path, threads)
             return
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if settings.get("graph_optimization"):
+            options.graph_optimization_level = _ORT_LEVELS[settings["graph_optimization"]]
+        if settings.get("spinning") is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings["spinning"] else "0")
         requested = self._providers(args, config)
-        self.session = ort.InferenceSession(onnx_path, options, providers=requested)
+        self.session = ort.InferenceSession(model_path, options, providers=requested)
         self.provider = self.session.get_providers()[0]  # what ONNX Runtime really got: it falls back when one fails
         self._infer = lambda feeds: self.session.run(self.output_names, feeds)
         _log_provider(self.model_name, args, requested, self.provider)
 
-    def _openvino(self, onnx_path: str, precision: str, threads: int):
-        """OpenVINO on the CPU (bf16/int8 kernels ONNX Runtime's CPU provider lacks); returns the run function."""
+    def _openvino(self, model_path: str, precision: str, threads: int, settings: dict):
+        """OpenVINO on the CPU (bf16/int8 kernels ONNX Runtime's CPU provider lacks) for an ONNX file or an IR
+        `.xml`, with the settings the precision stage measured best; returns the run function."""
         import openvino as ov
 
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": settings.get("performance_hint") or "LATENCY",
+        }
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        compiled = ov.Core().compile_model(onnx_path, "CPU", config)
+        if settings.get("streams"):
+            config["NUM_STREAMS"] = int(settings["streams"])
+        compiled = ov.Core().compile_model(model_path, "CPU", config)
         request = compiled.create_infer_request()
-        self.provider = f"OpenVINO {ov.__version__} CPU ({precision})"
+        self.provider = f"OpenVINO {ov.__version__} CPU ({precision}, {config['PERFORMANCE_HINT']})"
         pb_utils.Logger.log_info(f"{self.model_name}: {self.provider}")
 
         def run(feeds: dict) -> list:
             results = {output.get_any_name(): np.array(value) for output, value in request.infer(feeds).items()}
             return [results[name] for name in self.output_names]
+
+        return run
+
+    def _torch(self, package_path: str, threads: int):
+        """An AOTInductor package (torch.compile ahead of time) run by torch; returns the run function."""
+        import torch
+        from torch._inductor import aoti_load_package
+
+        if threads:
+            torch.set_num_threads(threads)
+        model = aoti_load_package(package_path)
+        names = json.loads(model.get_metadata()["tes_inputs"])
+        self.provider = f"torch {torch.__version__} AOTInductor CPU"
+        pb_utils.Logger.log_info(f"{self.model_name}: {self.provider}")
+
+        def run(feeds: dict) -> list:
+            with torch.inference_mode():
+                outputs = model(*(torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names))
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            return [output.numpy() for output in outputs]
 
         return run
 

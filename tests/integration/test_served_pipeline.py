@@ -10,6 +10,7 @@ from bench.stage import BenchmarkOptions, run_benchmark
 from core.errors import InferenceError
 from core.results import RunDir
 from core.runtimes import open_session
+from export.quantize import ALL_VARIANTS
 from flows.params import parse_params
 from flows.pipeline import run_pipeline
 from recipes.evaluation import load_trained, torch_predictor
@@ -224,7 +225,7 @@ def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
     ledger = json.loads(Path(summary.ledger["json"]).read_text())
     entries = {entry["stage"]: entry for entry in ledger["entries"]}
     variants = [name for name in entries if name.startswith("precision:")]
-    assert len(variants) == 6 and all(entries[v]["wall_s"] > 0 for v in variants)
+    assert len(variants) == len(ALL_VARIANTS) and all(entries[v]["wall_s"] > 0 for v in variants)
     split = sum(entries[v]["joules"] for v in variants)
     assert split == pytest.approx(entries["precision"]["joules"], rel=1e-6)  # the stage's energy, shared out
     assert {(row["protocol"], row["load"]) for row in ledger["serving"]} == {("grpc", 2.0), ("http", 2.0)}
@@ -235,5 +236,8 @@ def test_the_ledger_splits_precision_per_variant_and_prices_serving(runs):
         "int8-static",
         "fp16",
         "openvino-int8",
+        "openvino-nncf",
+        "torch-compile",
+        "torchao-int8",
     } <= measured  # openvino-bf16 only where the CPU has bf16
     assert {row["variant"] for row in ledger["payback"]} == measured - {"fp32"}

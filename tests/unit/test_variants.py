@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.runtimes import measure_speed, openvino_has_bf16
+from core.runtimes import Speed, measure_speed, open_session, openvino_has_bf16
+from export import variants
 from export.onnx_export import ExportConfig, export_onnx
-from export.quantize import build_int8_static, quantized_nodes
-from export.variants import PrecisionConfig, VariantReport, build_and_score, select, speed_gate
+from export.quantize import ALL_VARIANTS, build_int8_static, quantized_nodes
+from export.torch_variants import build_torch_variant
+from export.variants import PrecisionConfig, PrecisionOutput, VariantReport, build_and_score, select, speed_gate
+from flows.pipeline import _deployables
 from recipes import build_recipe
 from recipes.evaluation import load_trained
 from tests.conftest import TINY_DIGITS, TINY_GPT
@@ -27,21 +30,21 @@ def digits(tmp_path_factory):
         progress=False,
     )
     exported = export_onnx(recipe, load_trained(recipe, trained.output.weights), folder, ExportConfig())
-    return recipe, exported.output.onnx, folder
+    return recipe, exported.output.onnx, folder, trained.output.weights
 
 
 def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
-    recipe, onnx_path, folder = digits
+    recipe, onnx_path, folder, weights = digits
     reports = {
         r.name: r
         for r in build_and_score(
-            recipe, onnx_path, folder / "all", PrecisionConfig(min_speedup=0, accuracy_budget=1, **FAST)
+            recipe, onnx_path, folder / "all", PrecisionConfig(min_speedup=0, accuracy_budget=1, **FAST), weights
         )
     }
-    assert list(reports) == ["fp32", "int8-dynamic", "int8-static", "fp16", "openvino-bf16", "openvino-int8"]
+    assert list(reports) == list(ALL_VARIANTS)
     assert reports["fp32"].max_abs_diff == 0 and reports["fp32"].top1_agreement == 1
     assert (reports["openvino-bf16"].runtime, reports["openvino-bf16"].runtime_precision) == ("openvino", "bf16")
-    built = ["int8-dynamic", "int8-static", "fp16", "openvino-int8"]
+    built = ["int8-dynamic", "int8-static", "fp16", "openvino-int8", "openvino-nncf", "torch-compile", "torchao-int8"]
     if openvino_has_bf16():
         built.append("openvino-bf16")
     else:  # CPUs without AVX512_BF16 or AMX: skipped with the reason, never scored on emulated kernels
@@ -49,15 +52,25 @@ def test_every_variant_is_built_scored_and_compared_with_fp32(digits):
         assert reports["openvino-int8"].runtime_precision == "f32"
     for name in built:
         report = reports[name]
-        assert report.status == "accepted" and Path(report.path).is_file() and report.sha256
+        assert report.status == "accepted" and Path(report.path).is_file() and report.sha256, (name, report.reason)
         assert 0 < report.max_abs_diff < 5 and report.top1_agreement > 0.5
         assert report.metrics["accuracy"] > 0.3 and report.throughput_per_s > 0
     assert reports["int8-static"].bytes < reports["fp32"].bytes and reports["fp16"].bytes < reports["fp32"].bytes
+    # NNCF writes OpenVINO IR: the graph and its weights beside it; the torch candidates are AOTInductor packages
+    assert reports["openvino-nncf"].path.endswith(".xml") and [
+        Path(f).suffix for f in reports["openvino-nncf"].files
+    ] == [".bin"]
+    assert reports["torch-compile"].runtime == "torch" and reports["torch-compile"].path.endswith(".pt2")
+    assert reports["torch-compile"].max_abs_diff < 1e-3  # the same FP32 model, compiled
+    # every variant that was timed says with which settings, and which it tried
+    for report in reports.values():
+        if report.throughput_per_s:
+            assert any("throughput_per_s" in entry for entry in report.settings_tried)
     assert sum(r.serves_alias for r in reports.values()) == 1
 
 
 def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(digits):
-    recipe, onnx_path, folder = digits
+    recipe, onnx_path, folder, _ = digits
     # an impossibly tight budget: the variant would have to be 50% more accurate than FP32
     config = PrecisionConfig(
         variants=("int8-static",), accuracy_budget=-0.5, min_speedup=0, exclusion_retries=1, nodes_per_retry=2, **FAST
@@ -76,7 +89,7 @@ def test_accuracy_gate_rejects_with_a_reason_naming_the_metric_and_both_values(d
 
 
 def test_speed_gate_rejects_a_variant_that_is_not_faster(digits):
-    recipe, onnx_path, folder = digits
+    recipe, onnx_path, folder, _ = digits
     fp32, dynamic = build_and_score(
         recipe,
         onnx_path,
@@ -218,7 +231,7 @@ def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(
     positive (a ReLU's or GELU's output): there half of S8 would go unused, so U8 with a zero point."""
     from export.quantize import activation_ranges
 
-    recipe, onnx_path, _ = digits
+    recipe, onnx_path, _, _ = digits
     calibration = recipe.calibration_inputs(16)
     import onnx
 
@@ -243,3 +256,85 @@ def test_symmetric_activations_keep_u8_for_tensors_that_are_almost_all_positive(
     )
     norms = [zp for name, zp in gpt_points.items() if name.startswith("layer_norm")]
     assert norms and all(zp.dtype == np.int8 and not zp.any() for zp in norms)
+
+
+def _fake_measure(seconds_per_batch):
+    """A timing source for `build_and_score`: each session's batch time from `seconds_per_batch(session)`, eight
+    identical rounds; nothing is timed."""
+
+    def measure(sessions, single, batch, repeats):
+        speeds = {}
+        for key, session in sessions.items():
+            seconds = seconds_per_batch(session)
+            speeds[key] = Speed(seconds * 1e3 / 8, len(next(iter(batch.values()))) / seconds, (seconds,) * 8)
+        return speeds
+
+    return measure
+
+
+@pytest.mark.parametrize("faster", ["f32", "bf16"])
+def test_float_layers_run_in_the_precision_that_measured_faster(digits, monkeypatch, faster):
+    """OpenVINO's INT8 variant is timed with its float layers in f32 and in bf16 (where the CPU has bf16) and keeps
+    the faster; the served config records it. Timings come from a fake source, so the choice is the test's."""
+    monkeypatch.setattr("core.runtimes.openvino_has_bf16", lambda: True)
+    recipe, onnx_path, folder, _ = digits
+
+    def seconds(session) -> float:
+        precision = getattr(session, "precision", None)
+        if precision is None:
+            return 0.010  # FP32 in ONNX Runtime, every setting alike
+        hint = session.settings.performance_hint
+        return (0.002 if precision == faster else 0.004) + (0.001 if hint == "THROUGHPUT" else 0)
+
+    config = PrecisionConfig(variants=("openvino-int8",), accuracy_budget=1, min_speedup=1.05, **FAST)
+    fp32, int8 = build_and_score(recipe, onnx_path, folder / f"fake-{faster}", config, measure=_fake_measure(seconds))
+    assert int8.status == "accepted" and int8.runtime_precision == faster and int8.settings == {}
+    timed_ = {(entry["precision"], entry["settings"]): entry["throughput_per_s"] for entry in int8.settings_tried}
+    assert set(timed_) == {("f32", "default"), ("bf16", "default"), ("f32", "performance_hint=THROUGHPUT")}
+    assert int8.throughput_per_s == max(timed_.values()) and int8.speedup_vs_fp32 == 5.0
+    deployable = _deployables(
+        PrecisionOutput(
+            variants=(fp32, int8), selected="openvino-int8", policy="max-throughput", primary_metric="accuracy"
+        )
+    )
+    assert [(d.name, d.runtime_precision) for d in deployable] == [("fp32", ""), ("openvino-int8", faster)]
+
+
+def test_a_faster_setting_that_costs_accuracy_is_not_kept(digits, monkeypatch):
+    """bf16 float layers that would be faster but fall outside the accuracy budget are dropped, with the reason."""
+    monkeypatch.setattr("core.runtimes.openvino_has_bf16", lambda: True)
+    recipe, onnx_path, folder, _ = digits
+    real_score = variants.score
+
+    def score(recipe, report, session, batches, reference):
+        real_score(recipe, report, session, batches, reference)
+        if getattr(session, "precision", None) == "bf16":
+            report.metrics = {**report.metrics, "accuracy": 0.0}  # as if bf16 broke the model
+
+    monkeypatch.setattr(variants, "score", score)
+    config = PrecisionConfig(variants=("openvino-int8",), accuracy_budget=0.5, min_speedup=0, **FAST)
+    _, int8 = build_and_score(
+        recipe,
+        onnx_path,
+        folder / "fake-lossy",
+        config,
+        measure=_fake_measure(lambda s: 0.001 if getattr(s, "precision", None) == "bf16" else 0.004),
+    )
+    assert int8.status == "accepted" and int8.runtime_precision == "f32"
+    dropped = [entry for entry in int8.settings_tried if "dropped" in entry]
+    assert [entry["precision"] for entry in dropped] == ["bf16"] and "accuracy gate" in dropped[0]["dropped"]
+
+
+def test_torch_compiled_gpt_matches_fp32_at_other_batch_sizes_and_lengths(tmp_path):
+    """The AOTInductor package of a byte GPT answers like the ONNX FP32 file at shapes other than the one it was
+    compiled with (it is compiled for the example's strides: the byte recipe's inputs are views into wider windows)."""
+    recipe = build_recipe("stdlib-gpt", TINY_GPT)
+    torch.manual_seed(0)
+    model = recipe.build_model().eval()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    onnx_path = export_onnx(recipe, model, tmp_path, ExportConfig()).output.onnx
+    package = build_torch_variant(recipe, tmp_path / "model.pt", tmp_path, "torch-compile")
+    compiled, reference = open_session(package, "torch"), open_session(onnx_path)
+    tokens = next(iter(recipe.eval_batches(5))).inputs["tokens"]  # a strided view, as the recipe hands it out
+    for feeds in ({"tokens": tokens}, {"tokens": tokens[:1, :7]}, {"tokens": tokens[:3, 2:]}):
+        np.testing.assert_allclose(compiled.run(None, feeds)[0], reference.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
