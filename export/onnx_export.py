@@ -62,14 +62,30 @@ class ExportOutput(StageOutput):
     validation_onnxruntime: dict[str, float] = {}  # the recipe's metric on the ONNX file, when the stage scored it
 
 
-def _dynamic_shapes(recipe: Recipe) -> dict[str, dict[int, torch.export.Dim]]:
-    shapes = {}
+def _axis_groups(recipe: Recipe) -> dict[tuple[int, tuple[int, int, int]], list[str]]:
+    """Dynamic axes that are one dimension: the same axis with the same range in several inputs (the sequence of
+    input_ids and attention_mask), keyed by (axis without batch, range) -> input names."""
+    groups: dict[tuple[int, tuple[int, int, int]], list[str]] = {}
     for spec in recipe.inputs:
-        axes = {0: torch.export.Dim("batch", min=1, max=recipe.max_batch_size)}
-        for axis, (low, _, high) in spec.ranges.items():
-            axes[axis + 1] = torch.export.Dim(f"{spec.name}_axis{axis + 1}", min=low, max=high)
-        shapes[spec.name] = axes
-    return shapes
+        for axis, axis_range in spec.ranges.items():
+            groups.setdefault((axis, tuple(axis_range)), []).append(spec.name)
+    return groups
+
+
+def _dynamic_shapes(recipe: Recipe) -> tuple[dict[int, torch.export.Dim], ...]:
+    """Per input, in forward order (positional, so forward's parameter names need not be the input names)."""
+    batch = torch.export.Dim("batch", min=1, max=recipe.max_batch_size)
+    dims = {
+        key: torch.export.Dim(f"{names[0]}_axis{key[0] + 1}", min=key[1][0], max=key[1][2])
+        for key, names in _axis_groups(recipe).items()
+    }
+    shapes = []
+    for spec in recipe.inputs:
+        axes = {0: batch}
+        for axis, axis_range in spec.ranges.items():
+            axes[axis + 1] = dims[(axis, tuple(axis_range))]
+        shapes.append(axes)
+    return tuple(shapes)
 
 
 def export_stage(
@@ -97,6 +113,8 @@ def export_onnx(
             logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
+                # inputs that share a Dim (input_ids, attention_mask) each trigger "axis name ... will not be used"
+                warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
                 program = torch.onnx.export(
                     model,
                     args,
@@ -147,25 +165,25 @@ def check_interface(recipe: Recipe, onnx_model: onnx.ModelProto) -> None:
 
 
 def _verification_inputs(recipe: Recipe, config: ExportConfig) -> list[dict[str, np.ndarray]]:
-    """Held-out batches at each verification batch size, and for dynamic axes their min and middle sizes."""
+    """Held-out batches at each verification batch size, and for dynamic axes their min and middle sizes.
+
+    A shorter case keeps the first positions of every input that shares the axis (a prefix of a right-padded batch
+    still has a real first token in each row; a suffix can be all padding, where attention is fully masked and
+    torch and ONNX Runtime may legitimately differ)."""
     cases = []
     for batch_size in config.verify_batch_sizes:
         for batch in recipe.eval_batches(batch_size, max_samples=max(batch_size, config.verify_samples)):
             cases.append(batch.inputs)
     extra = []
-    for spec in recipe.inputs:
-        for axis, (low, opt, _) in spec.ranges.items():
-            for length in sorted({low, max(low, opt // 2)}):
-                extra.append(
-                    {
-                        name: (
-                            array.take(range(array.shape[axis + 1] - length, array.shape[axis + 1]), axis=axis + 1)
-                            if name == spec.name
-                            else array
-                        )
-                        for name, array in cases[0].items()
-                    }
-                )
+    for (axis, (low, opt, _)), names in _axis_groups(recipe).items():
+        size = cases[0][names[0]].shape[axis + 1]
+        for length in sorted({min(low, size), min(max(low, opt // 2), size)}):
+            extra.append(
+                {
+                    name: array.take(range(length), axis=axis + 1) if name in names else array
+                    for name, array in cases[0].items()
+                }
+            )
     return cases + extra
 
 

@@ -53,6 +53,7 @@ class Recipe(ABC):
     Options: ClassVar[type[RecipeOptions]]
     primary_metric: ClassVar[str]
     max_batch_size: ClassVar[int] = 64
+    trains: ClassVar[bool] = True  # False for model sources the user brings (hf:, torch:, onnx:): no training stage
 
     def __init__(self, options: RecipeOptions | None = None):
         self.options = options if options is not None else self.Options()
