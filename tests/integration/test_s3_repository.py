@@ -1,0 +1,395 @@
+"""The S3 repository publisher against a real S3 HTTP API (moto_server, with IAM authentication on) and a real
+Triton reading `s3://127.0.0.1:PORT/models/repo`: a version Triton can see is always complete."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("boto3")
+pytest.importorskip("moto.server", reason="moto[server] provides the S3 store these tests run against")
+
+import boto3  # noqa: E402
+
+from core.errors import ChecksumError, ConfigError, RepositoryError, ServerError  # noqa: E402
+from core.runtimes import open_session  # noqa: E402
+from serving import client, repository, s3_repository, triton  # noqa: E402
+from serving.repository import ServingConfig  # noqa: E402
+from serving.s3_repository import S3Location  # noqa: E402
+from tests.conftest import TINY_DIGITS  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "models"
+ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {process.returncode}:\n{triton.log_tail(log_path)}")
+        if not triton.port_is_free(port):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"moto_server did not listen on {port} within {timeout_s:.0f} s")
+
+
+def _enable_authentication(endpoint: str) -> dict[str, str]:
+    """An IAM user allowed s3:*, the bucket, then every later request must be signed with that user's key."""
+    anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    anonymous |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+    iam = boto3.client("iam", **anonymous)
+    iam.create_user(UserName="tes")
+    iam.put_user_policy(UserName="tes", PolicyName="s3-all", PolicyDocument=json.dumps(ADMIN_POLICY))
+    key = iam.create_access_key(UserName="tes")["AccessKey"]
+    boto3.client("s3", **anonymous).create_bucket(Bucket=BUCKET)
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free loopback port, credentials in the environment (boto3's chain), stopped after."""
+    folder, port = tmp_path_factory.mktemp("moto"), triton.free_port()
+    log_path = folder / "moto.log"
+    command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_port(port, process, log_path)
+        endpoint = f"http://127.0.0.1:{port}"
+        credentials = _enable_authentication(endpoint)
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+                env.delenv(name, raising=False)
+            env.setenv("AWS_CONFIG_FILE", str(folder / "no-config"))  # no ~/.aws of whoever runs the tests
+            env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-credentials"))
+            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            for name, value in credentials.items():
+                env.setenv(name, value)
+            admin = boto3.client("s3", endpoint_url=endpoint)
+            yield SimpleNamespace(endpoint=endpoint, admin=admin, location=lambda prefix: _location(endpoint, prefix))
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _location(endpoint: str, prefix: str) -> S3Location:
+    return S3Location.parse(f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint)
+
+
+def _keys(admin, prefix: str = "") -> set[str]:
+    pages = admin.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {entry["Key"] for page in pages for entry in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An untrained tiny digits-cnn written by the local repository writer: its version folder, ONNX and a batch."""
+    from export.onnx_export import ExportConfig, export_onnx
+    from recipes import build_recipe
+
+    folder = tmp_path_factory.mktemp("tiny")
+    recipe = build_recipe("digits-cnn", TINY_DIGITS)
+    onnx_path = export_onnx(recipe, recipe.build_model(), folder / "export", ExportConfig()).output.onnx
+    written = repository.write_version(folder / "repo", "digits", onnx_path, ServingConfig(max_batch_size=16))
+    batch = list(recipe.eval_batches(8, max_samples=8))[0].inputs
+    expected = open_session(onnx_path).run(None, batch)[0]
+    return SimpleNamespace(version_dir=written.path, batch=batch, expected=expected)
+
+
+def _start_triton(repository_url: str, work_dir: Path, env: dict[str, str]) -> triton.TritonProcess:
+    """`triton.start` with an s3:// repository URL: it takes only a local folder today (it resolves and creates
+    it), so this is its body with the URL passed through and the AWS_* variables added to the server's env."""
+    dist, _ = triton._pytriton_paths()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ports = {kind: triton.free_port() for kind in ("http", "grpc", "metrics")}
+    log_path = work_dir / f"tritonserver-{ports['http']}.log"
+    command = [
+        str(dist / "bin" / "tritonserver"),
+        f"--model-repository={repository_url}",
+        *triton._server_args("127.0.0.1", ports, triton.prepare_backends(work_dir / "backends")),
+    ]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**triton.server_env(), **env},
+            start_new_session=True,
+        )
+    server = triton.TritonProcess(
+        process.pid, ports["http"], ports["grpc"], ports["metrics"], repository_url, str(log_path)
+    )
+    try:
+        triton._wait_ready(server, process, triton.READY_TIMEOUT_S)
+    except BaseException:
+        triton.stop(process.pid)
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def served(s3, tmp_path_factory):
+    """A real Triton whose model repository is `s3://127.0.0.1:PORT/models/repo`; (server, location)."""
+    location, work_dir = s3.location("repo"), tmp_path_factory.mktemp("triton-s3")
+    mount = work_dir / "mount"  # where Triton copies a model folder from S3 before loading it
+    mount.mkdir()
+    env = s3_repository.server_environment(location) | {"TRITON_AWS_MOUNT_DIRECTORY": str(mount)}
+    s3_repository.ensure_repository(location)
+    server = _start_triton(location.triton_url(), work_dir, env)
+    try:
+        yield server, location
+    finally:
+        triton.stop(server.pid)
+
+
+def _ready_versions(server, model: str, settle_s: float = 10.0) -> list[str]:
+    """The READY versions of `model` once no other version of it is still unloading."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        states = [entry for entry in client.model_states(server.http_url) if entry["name"] == model]
+        if time.monotonic() > deadline or not any(entry.get("state") == "UNLOADING" for entry in states):
+            return [entry["version"] for entry in states if entry.get("state") == "READY"]
+        time.sleep(0.1)
+
+
+def _assert_answers(server, model: str, tiny) -> None:
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        logits = client.infer(url, model, tiny.batch, protocol)["logits"]
+        np.testing.assert_allclose(logits, tiny.expected, rtol=0, atol=1e-5)
+
+
+def test_published_version_is_served_over_http_and_grpc_and_through_an_alias(served, tiny):
+    server, location = served
+    assert s3_repository.publish_version(location, "digits", tiny.version_dir) == 1
+    assert s3_repository.list_versions(location, "digits") == [1]
+    assert s3_repository.served_version(location, "digits") == 1
+    local_manifest = json.loads((tiny.version_dir / "manifest.json").read_text())
+    assert s3_repository.read_manifest(location, "digits", 1) == local_manifest
+    assert s3_repository.load_verified(location, "digits", server.http_url) == "1"
+    _assert_answers(server, "digits", tiny)
+
+    assert s3_repository.write_alias(location, "digits-latest", "digits") == 1
+    assert s3_repository.read_config(location, "digits-latest").platform == "ensemble"
+    assert s3_repository.read_manifest(location, "digits-latest", 1)["provenance"] == {"alias_of": "digits"}
+    s3_repository.load_verified(location, "digits-latest", server.http_url)
+    _assert_answers(server, "digits-latest", tiny)
+
+
+def test_files_go_up_first_then_the_manifest_then_the_config(s3, tiny, monkeypatch):
+    writes: list[str] = []
+    put, upload = s3_repository._Store.put, s3_repository._Store.upload
+
+    def recorded_put(self, key: str, *args, **kwargs):
+        writes.append(key)
+        return put(self, key, *args, **kwargs)
+
+    def recorded_upload(self, key: str, path: Path) -> None:
+        writes.append(key)
+        upload(self, key, path)
+
+    monkeypatch.setattr(s3_repository._Store, "put", recorded_put)
+    monkeypatch.setattr(s3_repository._Store, "upload", recorded_upload)
+    assert s3_repository.publish_version(s3.location("order"), "digits", tiny.version_dir) == 1
+    version_writes = [key.removeprefix("order/digits/1/") for key in writes if key.startswith("order/digits/1/")]
+    # the claim, the files, the claim renewed (its lease now outlasts the manifest write), the manifest
+    assert version_writes == [".claim", "model.onnx", "model.py", ".claim", "manifest.json"]
+    assert writes[-1] == "order/digits/config.pbtxt"
+
+
+def test_racing_publishers_take_distinct_versions(s3, tiny):
+    location = s3.location("race")
+    start, results, errors = threading.Barrier(8), [], []
+
+    def run(work) -> None:
+        start.wait()
+        try:
+            results.append(work())
+        except Exception as error:  # reported below: an assert inside a thread would be lost
+            errors.append(error)
+
+    publishes = [lambda: ("published", s3_repository.publish_version(location, "digits", tiny.version_dir))] * 2
+    claims = [lambda: ("claimed", s3_repository.claim_version(location, "digits").version)] * 6
+    threads = [threading.Thread(target=run, args=(work,)) for work in publishes + claims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    numbers = [number for _, number in results]
+    assert len(numbers) == 8 and len(set(numbers)) == 8, results
+    published = sorted(number for kind, number in results if kind == "published")
+    assert s3_repository.list_versions(location, "digits") == published
+    assert s3_repository.served_version(location, "digits") == published[-1]
+    assert s3_repository.verify_version(location, "digits")
+    # a claimer with a stale view of the folder (it starts at 1) gets 412 on every taken number, never a taken one
+    stale = s3_repository._claim(s3_repository._Store(location), "digits", 60.0, first=1)
+    assert stale.version == max(numbers) + 1
+    numbers.append(stale.version)
+    # the claims are still within their lease: the next publish leaves them alone and takes a new number
+    claimed = sorted(number for kind, number in results if kind == "claimed") + [stale.version]
+    assert s3_repository.publish_version(location, "digits", tiny.version_dir) == max(numbers) + 1
+    assert all(_keys(s3.admin, f"race/digits/{number}/") == {f"race/digits/{number}/.claim"} for number in claimed)
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint", "rule"),
+    [
+        ("s3://Models/repo", None, "[0-9a-z.-]"),
+        ("s3://my_models/repo", None, "[0-9a-z.-]"),
+        ("s3://models/my repo", None, "[0-9a-zA-Z._-]"),
+        ("s3://models/repo/v@1", None, "[0-9a-zA-Z._-]"),
+        ("s3://models//repo", None, "no empty segment"),
+        ("s3://models/repo", "http://127.0.0.1", "explicit port"),
+        ("s3://https://store.example/models", None, "explicit port"),
+        ("gs://models/repo", None, "expected s3://bucket/prefix"),
+    ],
+)
+def test_url_rules_are_checked_before_anything_is_written(s3, url, endpoint, rule):
+    before = _keys(s3.admin)
+    with pytest.raises(ConfigError, match=re.escape(rule)):
+        S3Location.parse(url, endpoint_url=endpoint)
+    assert _keys(s3.admin) == before
+
+
+def test_every_broken_rule_is_reported_at_once_and_bad_model_names_are_refused(s3, tiny):
+    with pytest.raises(ConfigError) as caught:
+        S3Location.parse("s3://Bad_Bucket/ok/b@d", endpoint_url="http://localhost")
+    assert len(caught.value.problems) == 3, caught.value.problems
+    before = _keys(s3.admin)
+    with pytest.raises(RepositoryError, match="model name 'digits v2' is not allowed"):
+        s3_repository.publish_version(s3.location("names"), "digits v2", tiny.version_dir)
+    assert _keys(s3.admin) == before
+
+
+def test_triton_urls_name_the_endpoint_with_its_port(s3):
+    location = S3Location.parse("s3://models/a/b", endpoint_url="http://127.0.0.1:9000")
+    assert location.triton_url() == "s3://127.0.0.1:9000/models/a/b"
+    assert S3Location.parse(location.triton_url()) == location
+    assert S3Location.parse("s3://models/a/").triton_url() == "s3://models/a"  # AWS: no endpoint in the URL
+    secure = S3Location.parse("s3://https://store.example:9443/models")
+    assert (secure.endpoint_url, secure.prefix, secure.triton_url()) == (
+        "https://store.example:9443",
+        "",
+        "s3://https://store.example:9443/models",
+    )
+
+
+def test_missing_bucket_refused_endpoint_and_wrong_credentials_fail_clearly_and_write_nothing(s3, tiny, monkeypatch):
+    before, buckets = _keys(s3.admin), s3.admin.list_buckets()["Buckets"]
+    missing = S3Location.parse("s3://no-such-bucket/repo", endpoint_url=s3.endpoint)
+    with pytest.raises(RepositoryError, match="bucket 'no-such-bucket' does not exist at http://127.0.0.1"):
+        s3_repository.publish_version(missing, "digits", tiny.version_dir)
+    refused = S3Location.parse(f"s3://{BUCKET}/repo", endpoint_url=f"http://127.0.0.1:{triton.free_port()}")
+    with pytest.raises(RepositoryError, match="cannot reach the S3 endpoint http://127.0.0.1"):
+        s3_repository.publish_version(refused, "digits", tiny.version_dir)
+    with monkeypatch.context() as env:
+        env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(RepositoryError, match="the secret key does not match access key id"):
+            s3_repository.publish_version(s3.location("creds"), "digits", tiny.version_dir)
+    with monkeypatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", "AKIANOBODYKNOWS")
+        with pytest.raises(RepositoryError, match="does not know access key id AKIA"):
+            s3_repository.publish_version(s3.location("creds"), "digits", tiny.version_dir)
+    assert _keys(s3.admin) == before and s3.admin.list_buckets()["Buckets"] == buckets
+
+
+def test_corrupted_object_is_refused_at_load_and_the_old_version_keeps_serving(served, tiny, s3):
+    server, location = served
+    assert s3_repository.publish_version(location, "digits-corrupt", tiny.version_dir) == 1
+    assert s3_repository.load_verified(location, "digits-corrupt", server.http_url) == "1"
+    assert s3_repository.publish_version(location, "digits-corrupt", tiny.version_dir) == 2
+    s3.admin.put_object(Bucket=BUCKET, Key="repo/digits-corrupt/2/model.onnx", Body=b"not an ONNX model")
+
+    with pytest.raises(
+        ChecksumError, match=r"s3://models/repo/digits-corrupt/2/model.onnx: sha256 \w+\.\.\., expected"
+    ):
+        s3_repository.load_verified(location, "digits-corrupt", server.http_url)
+    assert _ready_versions(server, "digits-corrupt") == ["1"]
+    _assert_answers(server, "digits-corrupt", tiny)
+    # asked directly, Triton fails on the damaged file too, and keeps what it served
+    with pytest.raises(ServerError, match="failed to load model 'digits-corrupt'"):
+        client.load_model(server.http_url, "digits-corrupt", timeout_s=60)
+    assert _ready_versions(server, "digits-corrupt") == ["1"]
+    _assert_answers(server, "digits-corrupt", tiny)
+
+
+def test_incomplete_upload_is_never_loaded_and_is_cleaned_by_the_next_publish(served, tiny, s3):
+    server, location = served
+    assert s3_repository.publish_version(location, "digits-partial", tiny.version_dir) == 1
+    # a publisher that dies after its claim and half the files
+    claim = s3_repository.claim_version(location, "digits-partial", lease_s=0.5)
+    s3.admin.upload_file(
+        str(tiny.version_dir / "model.onnx"), BUCKET, f"repo/digits-partial/{claim.version}/model.onnx"
+    )
+    assert claim.version == 2 and s3_repository.list_versions(location, "digits-partial") == [1]
+    assert s3_repository.served_version(location, "digits-partial") == 1
+    assert client.load_model(server.http_url, "digits-partial") == "1"
+    assert _ready_versions(server, "digits-partial") == ["1"]
+
+    time.sleep(1.1)  # the store's clock has 1 s steps: past the 0.5 s lease for sure
+    assert s3_repository.publish_version(location, "digits-partial", tiny.version_dir) == 3  # 2 is never reused
+    assert _keys(s3.admin, "repo/digits-partial/2/") == {"repo/digits-partial/2/.claim"}
+    claim_state = s3.admin.get_object(Bucket=BUCKET, Key="repo/digits-partial/2/.claim")["Body"].read()
+    assert json.loads(claim_state)["state"] == "abandoned"
+    assert s3_repository.list_versions(location, "digits-partial") == [1, 3]
+    assert s3_repository.load_verified(location, "digits-partial", server.http_url) == "3"
+    assert _ready_versions(server, "digits-partial") == ["3"]
+    _assert_answers(server, "digits-partial", tiny)
+
+
+def test_a_damaged_upload_aborts_the_publish_and_cleans_up_after_itself(s3, tiny, monkeypatch):
+    location = s3.location("damaged")
+    upload = s3_repository._Store.upload
+
+    def damaging_upload(self, key: str, path: Path) -> None:
+        if key.endswith("model.onnx"):
+            self.s3.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes()[:-1])  # one byte short
+        else:
+            upload(self, key, path)
+
+    monkeypatch.setattr(s3_repository._Store, "upload", damaging_upload)
+    with pytest.raises(
+        ChecksumError, match=r"s3://models/damaged/digits/1/model.onnx reads back with sha256 .*expected"
+    ):
+        s3_repository.publish_version(location, "digits", tiny.version_dir)
+    assert _keys(s3.admin, "damaged/") == {"damaged/digits/1/.claim"}
+    assert s3_repository.list_versions(location, "digits") == []
+    assert s3_repository.served_version(location, "digits") is None
+
+
+def test_a_publisher_that_outlived_its_lease_stops_before_its_manifest(s3, tiny, monkeypatch):
+    location = s3.location("slow")
+    upload = s3_repository._Store.upload
+
+    def slow_upload(self, key: str, path: Path) -> None:
+        upload(self, key, path)
+        if key.endswith("model.onnx"):  # another publisher comes by after the lease ran out
+            time.sleep(1.1)
+            s3_repository.clean_incomplete(location, "digits")
+
+    monkeypatch.setattr(s3_repository._Store, "upload", slow_upload)
+    with pytest.raises(RepositoryError, match="lost the claim on version 1 of 'digits'"):
+        s3_repository.publish_version(location, "digits", tiny.version_dir, lease_s=0.5)
+    assert _keys(s3.admin, "slow/") == {"slow/digits/1/.claim"}  # abandoned by the other publisher, files gone
