@@ -7,7 +7,7 @@ from core.errors import TrainingError
 from core.results import CHECKPOINT_FILE as CHECKPOINT
 from recipes import build_recipe
 from recipes.evaluation import load_trained
-from tests.conftest import TINY_DIGITS
+from tests.conftest import TINY_DIGITS, TINY_GPT
 from training import loop
 from training.loop import TrainingConfig, train
 
@@ -85,3 +85,16 @@ def test_gpu_training_uses_bf16_autocast(tmp_path: Path):
     result = train(build_recipe("digits-cnn", TINY_DIGITS), tiny(steps=40), tmp_path, progress=False)
     assert result.output.device.startswith("cuda") and result.output.autocast_bf16
     assert result.output.validation["accuracy"] > 0.5
+
+
+def test_training_progress_is_logged_for_flow_runs(tmp_path, caplog):
+    """What a Prefect flow run's logger shows: step, loss, steps/s and ETA, about ten lines per run."""
+    import logging
+
+    recipe = build_recipe("stdlib-gpt", TINY_GPT)
+    config = TrainingConfig(steps=20, eval_every=1000, eval_samples=16, batch_size=4)
+    with caplog.at_level(logging.INFO, logger="training.loop"):
+        train(recipe, config, tmp_path, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "steps/s" in r.getMessage()]
+    assert 5 <= len(lines) <= 12 and lines[-1].startswith("train stdlib-gpt: step 20/20, loss ")
+    assert "ETA" in lines[0]
