@@ -25,23 +25,28 @@ from training.loop import TrainOutput
 def measured(ledger: Ledger, call: Callable, device: str) -> Callable:
     """`call` with every stage inside a ledger entry."""
 
-    def measured_call(stage: str, function: Callable, *args: Any) -> StageResult:
+    def measured_call(stage: str, function: Callable, *args: Any, **options: Any) -> StageResult:
         on_gpu = stage == "train" and device.startswith("cuda")
         if on_gpu:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
         with ledger.measure(stage, device=device if stage == "train" else "cpu") as entry:
-            result = call(stage, function, *args)
+            result = call(stage, function, *args, **options)
         if on_gpu:
             entry.peak_device_mb = torch.cuda.max_memory_allocated() / 1e6
-        if result.reason.startswith("cached"):
+        if _reused(result):
             entry.notes.append(f"{result.reason}: no compute spent")
         elif result.status.value == "skipped":
             entry.notes.append(f"skipped: {result.reason}")
         return result
 
     return measured_call
+
+
+def _reused(result: StageResult) -> bool:
+    """Made by an earlier run (cached) or by this run before it was resumed: no compute spent now."""
+    return result.reason.startswith(("cached", "resumed"))
 
 
 def _entry(ledger: Ledger, stage: str) -> Entry | None:
@@ -59,11 +64,12 @@ def enrich(
     """FLOPs (training at `batch_size` samples per step), peaks, serving energy and pay-back; returns the extra
     figures kept beside the entries."""
     extra: dict[str, Any] = {"matmul_fp32_flops_per_s_measured": measured_matmul_flops()}
-    model = recipe.build_model()  # FLOPs do not depend on the weights
-    per_sample = inference_flops_per_sample(recipe, model)
+    # FLOPs do not depend on the weights; an ONNX file the user brought has no torch model to count them on (0)
+    model = recipe.build_model() if getattr(recipe, "has_torch_model", True) else None
+    per_sample = inference_flops_per_sample(recipe, model) if model is not None else 0
     extra["inference_flops_per_sample"] = per_sample
     entry = _entry(ledger, "train")
-    if train and train.output and entry and not train.reason.startswith("cached"):
+    if model is not None and train and train.output and entry and not _reused(train):
         steps = train.output.steps
         entry.flops = training_step_flops(recipe, model, batch_size) * steps
         entry.flops_method = f"torch FlopCounterMode on one real step x {steps} steps (validation passes not counted)"
@@ -86,7 +92,7 @@ def _per_variant(ledger: Ledger, precision: StageResult[PrecisionOutput] | None,
     """One entry per precision variant: its share of the precision stage, split by the CPU time each one took
     (the stage's energy counters are read once, around the whole stage)."""
     entry = _entry(ledger, "precision")
-    if not precision or not precision.output or not entry or precision.reason.startswith("cached"):
+    if not precision or not precision.output or not entry or _reused(precision):
         return
     variants = precision.output.variants
     total_cpu = sum(v.build_cpu_seconds for v in variants) or 1.0

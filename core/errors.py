@@ -65,6 +65,10 @@ class EngineMismatch(RepositoryError):
     or one that cannot be rebuilt for it here."""
 
 
+class StageTimeout(TesError):
+    """A pipeline stage ran past its time limit and was stopped."""
+
+
 class ServerError(TesError):
     """A server (Triton, Prefect) could not be started, reached or stopped."""
 

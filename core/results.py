@@ -94,6 +94,23 @@ def new_run_id(prefix: str) -> str:
     return f"{stamp}-{prefix}"
 
 
+def claim_run_dir(runs_dir: str | Path, prefix: str) -> "RunDir":
+    """A new run folder that no other run has: `<runs_dir>/<timestamp>-<prefix>`, or with `-2`, `-3`... when a run
+    started in the same second (two workers sharing one runs folder). The folder is created exclusively, so two
+    runs can never end up writing into one."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    run_id = new_run_id(prefix)
+    for attempt in range(1, 1000):
+        path = runs_dir / (run_id if attempt == 1 else f"{run_id}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return RunDir(path)
+    raise TesError(f"could not create a new run folder for {run_id} in {runs_dir}")
+
+
 # File names inside a run folder. Stages write them through RunDir; tools that read a run (the native
 # repository export, the CLI) import them from here rather than spelling them again.
 WEIGHTS_FILE = "model.pt"

@@ -1,16 +1,26 @@
-"""Re-run caching: a run with the same data, code and configuration reuses the artifacts of the last one.
+"""Per-stage caching: a stage whose inputs, code and parameters match an earlier run's reuses its artifacts.
 
-The key hashes file *contents*, never paths: the recipe's data (`Recipe.data_fingerprint`), the source of every
-module that shapes the artifacts (`core`, `recipes`, `training`, `export`), and the parameters that reach those stages.
-A hit is only taken when every cached artifact still has the sha256 recorded when it was written.
+Each of train, export and precision has its own key, a hash of *contents*, never paths:
+
+- the recipe's data (`Recipe.data_fingerprint`) and, for a user's own recipe, its source file;
+- the source of the packages that shape the stage's artifacts (`_STAGE_CODE`);
+- the parameters that reach the stage (`_STAGE_PARAMS`, less the ones that cannot change what it makes);
+- the versions of the libraries that make them (torch, onnx, onnxruntime, openvino, ...);
+- the sha256 of the previous stage's artifacts (so a retrained model is re-exported, and so on down).
+
+So a change to a precision setting reuses training and export, and a change to training recomputes everything
+after it. A hit is only taken when every cached artifact still has the sha256 recorded when it was written; the
+Prefect flow also hands the key to Prefect as the task's cache key, so its UI shows a reused stage as Cached.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import inspect
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from core import paths
 from core.files import atomic_write_json
@@ -18,30 +28,74 @@ from core.results import Artifact
 from flows.params import PipelineParams
 from recipes import Recipe
 
-_SOURCE_PACKAGES = ("core", "recipes", "training", "export")
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_STAGE_CODE = {
+    "train": ("core", "recipes", "training"),
+    "export": ("core", "recipes", "export"),
+    "precision": ("core", "recipes", "export"),
+}
+_RECIPE_PARAMS = ("recipe", "stdlib_gpt", "digits_cnn", "recipe_options")
+_STAGE_PARAMS = {"train": ("training",), "export": ("export",), "precision": ("precision",)}
+# fields that change how a stage runs, not what it makes
+_NEUTRAL = {"training": ("resume", "rdzv_endpoint", "node_rank", "max_restarts", "timeout_s")}
+_STAGE_LIBRARIES = {
+    "train": ("torch",),
+    "export": ("torch", "onnx", "onnxscript", "onnxruntime", "transformers"),
+    "precision": ("torch", "onnx", "onnxruntime", "openvino", "nncf", "torchao"),
+}
+STAGES = tuple(_STAGE_CODE)
 
 
-def code_fingerprint() -> str:
+def code_fingerprint(packages: Iterable[str] = ("core", "recipes", "training", "export")) -> str:
     digest = hashlib.sha256()
-    for package in _SOURCE_PACKAGES:
+    for package in packages:
         for path in sorted((_PROJECT_ROOT / package).rglob("*.py")):
             digest.update(path.relative_to(_PROJECT_ROOT).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def cache_key(params: PipelineParams, recipe: Recipe) -> str | None:
-    """None when the recipe cannot fingerprint its data (caching is then off)."""
+def _library_versions(names: Iterable[str]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def _recipe_source(recipe: Recipe) -> str:
+    """The source file of a recipe class that lives outside this project (a user's own), hashed; '' otherwise."""
+    try:
+        path = Path(inspect.getsourcefile(type(recipe)) or "").resolve()
+    except TypeError:
+        return ""
+    if not path.is_file() or _PROJECT_ROOT in path.parents:
+        return ""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stage_key(stage: str, params: PipelineParams, recipe: Recipe, upstream: Iterable[Artifact] = ()) -> str | None:
+    """The cache key of `stage` given the artifacts of the stage before it; None when the recipe cannot fingerprint
+    its data (caching is then off)."""
     data = recipe.data_fingerprint()
     if data is None:
         return None
-    relevant = params.model_dump(
-        mode="json", include={"recipe", "stdlib_gpt", "digits_cnn", "recipe_options", "training", "export", "precision"}
-    )
-    relevant["training"].pop("resume", None)
-    blob = json.dumps({"params": relevant, "data": data, "code": code_fingerprint()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    dumped = params.model_dump(mode="json", include={*_RECIPE_PARAMS, *_STAGE_PARAMS[stage]})
+    for section, fields in _NEUTRAL.items():
+        for name in fields:
+            dumped.get(section, {}).pop(name, None)
+    blob: dict[str, Any] = {
+        "stage": stage,
+        "params": dumped,
+        "data": data,
+        "recipe_source": _recipe_source(recipe),
+        "code": code_fingerprint(_STAGE_CODE[stage]),
+        "libraries": _library_versions(_STAGE_LIBRARIES[stage]),
+        "upstream": sorted(artifact.sha256 for artifact in upstream),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _index_path() -> Path:
@@ -53,23 +107,24 @@ def _index() -> dict[str, str]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def lookup(key: str | None, stages_wanted: Iterable[str]) -> dict | None:
-    """The results of `stages_wanted` in the run cached under `key`, if it completed and their artifacts are intact."""
+def lookup(stage: str, key: str | None) -> tuple[dict, Path] | None:
+    """(the stage's recorded result, the run folder that made it) for `key`, if that run recorded the stage as ok
+    and every one of its artifacts is still intact; None otherwise."""
     if key is None or key not in _index():
         return None
     manifest_path = Path(_index()[key]) / "manifest.json"
     if not manifest_path.is_file():
         return None
-    manifest = json.loads(manifest_path.read_text())
-    stages = manifest.get("stages", {})
-    wanted = list(stages_wanted)
-    if manifest.get("status") != "completed" or any(stages.get(s, {}).get("status") != "ok" for s in wanted):
+    result = json.loads(manifest_path.read_text()).get("stages", {}).get(stage)
+    if not result or result.get("status") != "ok" or result.get("reason", "").startswith(("cached", "resumed")):
         return None
-    if not all(Artifact(**artifact).intact() for stage in wanted for artifact in stages[stage]["artifacts"]):
+    if not all(Artifact(**artifact).intact() for artifact in result["artifacts"]):
         return None
-    return {"run_dir": str(manifest_path.parent), "stages": {s: stages[s] for s in wanted}}
+    return result, manifest_path.parent
 
 
 def remember(key: str | None, run_dir: Path) -> None:
+    """Record that the run in `run_dir` made the stage with `key` (called as each stage finishes, so the completed
+    stages of a run that fails later are reused too)."""
     if key is not None:
         atomic_write_json(_index_path(), {**_index(), key: str(run_dir)})

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Callable
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from accounting.ledger import Prices
@@ -22,28 +23,96 @@ from core.errors import ServerError
 from core.results import StageResult
 from export.onnx_export import ExportConfig
 from export.trt_engine import EngineConfig
-from export.variants import PrecisionConfig
+from export.variants import PrecisionConfig, table_header, table_rows
 from flows import stack
-from flows.params import MODEL_NAME_PATTERN, RECIPE_PATTERN, PipelineParams, ServingParams, parse_params
-from flows.pipeline import run_pipeline
+from flows.params import (
+    MODEL_NAME_PATTERN,
+    RECIPE_PATTERN,
+    PipelineParams,
+    ServingParams,
+    StagePolicies,
+    parse_params,
+)
+from flows.pipeline import RunSummary, resumable_run, run_pipeline
 from recipes import DigitsCnnOptions, StdlibGptOptions
 from training.loop import TrainingConfig
 
 REPORT_ARTIFACT_KEY = "train-export-serve-report"
 
 
-def _as_task(stage: str, function: Callable, *args: Any) -> Any:
+def _as_task(stage: str, function: Callable, *args: Any, cache_key: str | None = None, reused: bool = False) -> Any:
+    """The stage as a Prefect task of its name. A stage with a cache key (train, export, precision) hands it to
+    Prefect as the task's cache key and persists its result, so a stage the pipeline reuses shows as Cached in the
+    UI; one the pipeline computes afresh refreshes Prefect's entry. The pipeline decides (it re-checks every
+    artifact's sha256 first), and what comes back for a reused stage is the pipeline's own result."""
+
     def run_stage(*stage_args: Any) -> StageResult:
         result = function(*stage_args)
         reason = f": {result.reason}" if result.reason else ""
         get_run_logger().info("%s %s in %.1f s%s", stage, result.status.value, result.seconds, reason)
         return result
 
-    return task(run_stage, name=stage, cache_policy=NO_CACHE, persist_result=False)(*args)
+    if cache_key is None:
+        options: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+    else:
+        options = {
+            "cache_key_fn": lambda *_: f"tes-{stage}-{cache_key}",
+            "persist_result": True,
+            "refresh_cache": not reused,
+        }
+    returned = task(run_stage, name=stage, **options)(*args)
+    return function(*args) if reused else returned
+
+
+def _variant_tasks(workers: int):
+    """How the flow builds precision variants: each a Prefect task `precision:<variant>`, `workers` at a time."""
+
+    def map_builds(build: Callable, names: list[str]) -> list:
+        variant = task(build, name="precision", task_run_name="precision:{name}", cache_policy=NO_CACHE)
+        with ThreadPoolTaskRunner(max_workers=workers) as runner:
+            futures = [runner.submit(variant.with_options(persist_result=False), {"name": name}) for name in names]
+            return [future.result() for future in futures]
+
+    return map_builds
 
 
 def _publish(markdown: str) -> None:
     create_markdown_artifact(markdown=markdown, key=REPORT_ARTIFACT_KEY, description="train-export-serve run report")
+
+
+def _publish_tables(summary: RunSummary) -> None:
+    """Table artifacts of the precision variants and the benchmark points, and links to the report and the served
+    endpoint, beside the report."""
+    precision = summary.precision.output
+    if precision is not None:
+        header = table_header(precision.primary_metric)
+        rows = [dict(zip(header, cells)) for cells in table_rows(list(precision.variants), precision.primary_metric)]
+        create_table_artifact(table=rows, key="precision-variants", description="every variant, gated against FP32")
+    bench = summary.benchmark.output
+    if bench is not None and bench.points:
+        rows = [
+            {
+                "protocol": p.protocol,
+                "mode": p.mode,
+                "load": p.load,
+                "throughput_per_s": round(p.throughput, 1),
+                "p50_ms": round(p.latency_ms.get("p50", 0), 2),
+                "p99_ms": round(p.latency_ms.get("p99", 0), 2),
+                "stable": p.stable,
+            }
+            for p in bench.points
+        ]
+        create_table_artifact(table=rows, key="benchmark-points", description="served latency and throughput")
+    report = Path(summary.run_dir) / "report.md"
+    create_link_artifact(link=report.as_uri(), link_text=str(report), key="run-report", description="the run report")
+    deployed = summary.deploy.output
+    if deployed is not None and deployed.triton_http:
+        create_link_artifact(
+            link=f"http://{deployed.triton_http}/v2/models/{deployed.model}",
+            link_text=f"{deployed.model} on Triton (HTTP; gRPC {deployed.triton_grpc})",
+            key="served-endpoint",
+            description="the served model's metadata endpoint",
+        )
 
 
 @flow(
@@ -62,9 +131,13 @@ def train_export_serve(
     serving: ServingParams = ServingParams(),
     benchmark: BenchmarkOptions = BenchmarkOptions(),
     prices: Prices = Prices(),
+    stages: StagePolicies = StagePolicies(),
     runs_dir: str = "runs",
     repository: str = "model_repository",
+    resume_run: str | None = None,
 ) -> dict:
+    """`resume_run`: the folder of a failed or crashed run to continue (its parameters are used; the others given
+    here are ignored)."""
     params: PipelineParams = parse_params(
         dict(
             recipe=recipe,
@@ -79,11 +152,17 @@ def train_export_serve(
             serving=serving,
             benchmark=benchmark,
             prices=prices,
+            stages=stages,
             runs_dir=runs_dir,
             repository=repository,
         )
     )
-    summary = run_pipeline(params, call=_as_task, publish=_publish)
+    resume = None
+    if resume_run:
+        params, resume = resumable_run(resume_run)
+    builds = _variant_tasks(params.precision.build_workers)
+    summary = run_pipeline(params, call=_as_task, publish=_publish, resume=resume, map_builds=builds)
+    _publish_tables(summary)
     get_run_logger().info("run folder: %s", summary.run_dir)
     return summary.model_dump(mode="json")
 
@@ -94,8 +173,9 @@ def benchmark_flow(
     options: BenchmarkOptions = BenchmarkOptions(),
     triton_url: str | None = None,
     triton_grpc_url: str | None = None,
-    repository: str = "model_repository",
+    repository: str | None = None,
 ) -> dict:
+    """`repository`: what the model was made from; default: the one the stack's Triton reads."""
     endpoint = stack.endpoint(triton_url, triton_grpc_url)
     if endpoint is None:
         raise ServerError("no Triton to benchmark: start the stack with `tes up`, or pass triton_url")

@@ -145,3 +145,49 @@ def test_tes_down_leaves_no_process_and_no_port(tmp_path):
             assert triton.port_is_free(port), port
         assert not (tmp_path / ".tes" / "stack.json").exists()
         assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"tes{state['triton']['http_port']}_")]
+
+
+def test_two_workers_take_two_runs_at_once_into_distinct_folders_and_versions(stack):
+    """A second worker joins the pool as another machine would (`prefect worker start --pool tes-process`); two
+    deployment runs submitted at once both complete, each in its own run folder and repository version."""
+    home, env, state = stack
+    second = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "tes-process", "--name", "second-machine"],
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        runs_before = set((home / "runs").iterdir()) if (home / "runs").exists() else set()
+        few_variants = 'precision={"variants": ["fp32", "int8-dynamic"], "score_samples": 64, "speed_repeats": 3}'
+        steps = [
+            [
+                "--param",
+                f'training={{"steps": {steps}, "learning_rate": 0.01, "eval_every": 1000, "eval_samples": 64}}',
+                "--param",
+                few_variants,
+            ]
+            for steps in (30, 31)  # two different trainings: the second may not reuse the first one's cache
+        ]
+        both = [
+            subprocess.Popen(
+                [str(BIN / "prefect"), "deployment", "run", "train-export-serve/default", "--watch", *TINY, *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for extra in steps
+        ]
+        outputs = [run.communicate(timeout=600)[0] for run in both]
+        assert [run.returncode for run in both] == [0, 0], [out[-2000:] for out in outputs]
+    finally:
+        triton.stop(second.pid)
+    new_runs = set((home / "runs").iterdir()) - runs_before
+    assert len(new_runs) == 2
+    versions = [
+        json.loads((run / "summary.json").read_text())["deploy"]["output"]["variants"]["fp32"]["version"]
+        for run in new_runs
+    ]
+    assert len(set(versions)) == 2, versions

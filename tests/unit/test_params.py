@@ -49,7 +49,7 @@ def test_flow_parameters_are_the_pipeline_parameters():
     from flows.prefect_flow import train_export_serve
 
     flow_params = list(inspect.signature(train_export_serve.fn).parameters)
-    assert flow_params == list(PipelineParams.model_fields)
+    assert flow_params == [*PipelineParams.model_fields, "resume_run"]  # the flow also takes a run to resume
     schema = train_export_serve.parameters.model_dump()
     assert schema["definitions"]["TrainingConfig"]["additionalProperties"] is False
     assert "pattern" in schema["properties"]["recipe"]
