@@ -1,4 +1,5 @@
-"""The load generator: closed-loop concurrency and open-loop Poisson request-rate load against any Triton.
+"""The load generator: closed-loop concurrency and open-loop Poisson request-rate load against any Triton, or
+against several replicas at once (requests go to them round robin; their statistics are summed).
 
 Method (perf_analyzer's and MLPerf's, see docs/benchmarking.md): a warm-up, then measurement windows repeated
 until the last three agree (max/min <= 1 + tolerance for throughput and p50), capped, with an `unstable` flag
@@ -9,6 +10,7 @@ Triton's statistics (queue, compute input/infer/output) and the load generator's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -17,12 +19,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import psutil
 
-from bench.senders import open_sender
+from bench.senders import decode_answer, open_sender
 from core.errors import InferenceError, ServerError
 from core.stats import percentile_ci  # noqa: F401  (re-exported: the load point CIs use it)
 from serving.client import connect
@@ -30,6 +32,8 @@ from serving.client import connect
 Protocol = Literal["http", "grpc"]
 PERCENTILES = (50, 90, 95, 99)
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
+# An answer checker: (index of the input it answered, its outputs by name); raises InferenceError when wrong.
+Check = Callable[[int, dict[str, np.ndarray]], None]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class LoadPoint:
     windows: int = 0
     stable: bool = False
     warnings: list[str] = field(default_factory=list)
+    endpoints: int = 1  # servers the requests were spread over, round robin
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +100,30 @@ def is_stable(windows: list[Window], tolerance: float) -> bool:
         if min(values) <= 0 or not all(map(math.isfinite, values)) or max(values) / min(values) > 1 + tolerance:
             return False
     return True
+
+
+class _StatsReaders:
+    """`_StatsReader`s of the same model on several servers, summed."""
+
+    def __init__(self, urls: list[str], protocol: Protocol, model: str, timeout_s: float):
+        self._readers: list[_StatsReader] = []
+        try:
+            for url in urls:
+                self._readers.append(_StatsReader(url, protocol, model, timeout_s))
+        except BaseException:
+            self.close()
+            raise
+
+    def delta(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for reader in self._readers:
+            for key, value in reader.delta().items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
 
 
 class _StatsReader:
@@ -160,26 +189,39 @@ class _Recorder:
         return taken
 
 
-def _closed_loop(url, protocol, model, inputs, concurrency, settings, recorder, stop) -> list[threading.Thread]:
+def _send(sender, protocol: Protocol, index: int, inputs: list, check: Check | None) -> None:
+    """One request; with `check`, its answer decoded and checked (InferenceError when wrong)."""
+    answer = sender.send(index)
+    if check is not None:
+        case = index % len(inputs)
+        try:
+            check(case, decode_answer(protocol, answer))
+        except (AssertionError, ValueError) as error:
+            raise InferenceError(f"a wrong answer to input {case}: {error}") from error
+
+
+def _closed_loop(
+    urls, protocol, model, inputs, concurrency, settings, recorder, stop, check=None
+) -> list[threading.Thread]:
     def worker(offset: int) -> None:
-        try:  # requests serialized once (bench/senders.py): the loop measures the server, not the client
-            sender = open_sender(protocol, url, model, inputs, settings.timeout_s)
-        except (InferenceError, ValueError) as error:
-            recorder.add(None, str(error))
-            return
+        senders: dict[str, object] = {}  # one per server, opened when first used
         index = offset
         try:
             while not stop.is_set():
+                url = urls[index % len(urls)]  # round robin over the servers
                 start = time.perf_counter()
                 try:
-                    sender.send(index)
+                    if url not in senders:  # requests serialized once (bench/senders.py): we measure the server
+                        senders[url] = open_sender(protocol, url, model, inputs, settings.timeout_s)
+                    _send(senders[url], protocol, index, inputs, check)
                     recorder.add((time.perf_counter() - start) * 1e3)
-                except InferenceError as error:
+                except (InferenceError, ValueError) as error:
                     recorder.add(None, str(error))
                     time.sleep(0.05)  # a failing server must not turn the loop into a busy spin
                 index += 1
         finally:
-            sender.close()
+            for sender in senders.values():
+                sender.close()
 
     threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(concurrency)]
     for thread in threads:
@@ -187,28 +229,31 @@ def _closed_loop(url, protocol, model, inputs, concurrency, settings, recorder, 
     return threads
 
 
-def _open_loop(url, protocol, model, inputs, rate, settings, recorder, stop, seed=0) -> list[threading.Thread]:
-    """Poisson arrivals at `rate`/s; requests run on a pool so a slow answer never delays the next arrival."""
-    senders: queue.Queue = queue.Queue()
+def _open_loop(
+    urls, protocol, model, inputs, rate, settings, recorder, stop, check=None, seed=0
+) -> list[threading.Thread]:
+    """Poisson arrivals at `rate`/s, round robin over the servers; requests run on a pool so a slow answer never
+    delays the next arrival."""
+    senders: dict[str, queue.Queue] = {url: queue.Queue() for url in urls}  # idle senders, per server
     pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="tes-openloop")
 
     def send(due: float, index: int) -> None:
-        delayed = time.perf_counter() - due > 2e-3
+        delayed, idle = time.perf_counter() - due > 2e-3, senders[urls[index % len(urls)]]
         try:
-            sender = senders.get_nowait()
+            sender = idle.get_nowait()
         except queue.Empty:
             try:
-                sender = open_sender(protocol, url, model, inputs, settings.timeout_s)
+                sender = open_sender(protocol, urls[index % len(urls)], model, inputs, settings.timeout_s)
             except (InferenceError, ValueError) as error:
                 recorder.add(None, str(error), delayed)
                 return
         try:
-            sender.send(index)
+            _send(sender, protocol, index, inputs, check)
             recorder.add((time.perf_counter() - due) * 1e3, delayed=delayed)
         except InferenceError as error:
             recorder.add(None, str(error), delayed)
         finally:
-            senders.put(sender)
+            idle.put(sender)
 
     def dispatcher() -> None:
         rng, due, index = random.Random(seed), time.perf_counter(), 0
@@ -220,25 +265,43 @@ def _open_loop(url, protocol, model, inputs, rate, settings, recorder, stop, see
             pool.submit(send, due, index)
             index += 1
         pool.shutdown(wait=True, cancel_futures=True)
-        while not senders.empty():
-            senders.get().close()
+        for idle in senders.values():
+            while not idle.empty():
+                idle.get().close()
 
     thread = threading.Thread(target=dispatcher, daemon=True)
     thread.start()
     return [thread]
 
 
-def _tree_cpu_s(process: psutil.Process | None) -> float | None:
-    if process is None:
+def _tree_cpu_s(processes: list[psutil.Process] | None) -> float | None:
+    if not processes:
         return None
     try:
-        return sum(sum(p.cpu_times()[:4]) for p in [process, *process.children(recursive=True)])
+        return sum(
+            sum(p.cpu_times()[:4]) for process in processes for p in [process, *process.children(recursive=True)]
+        )
     except psutil.Error:
         return None
 
 
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, (str, int)) else list(value)
+
+
+def _check_load(concurrency: float | None, rate: float | None, inputs: list, urls: list[str]) -> None:
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency or rate")
+    if not urls:
+        raise ValueError("url: expected at least one host:port, got none")
+    if not inputs or all(not np.any(array) for case in inputs for array in case.values()):
+        raise ValueError(
+            "inputs must be real samples (for example the recipe's validation split), not empty or all zeros"
+        )
+
+
 def measure(
-    url: str,
+    url: str | Sequence[str],
     protocol: Protocol,
     model: str,
     inputs: list[dict[str, np.ndarray]],
@@ -246,21 +309,18 @@ def measure(
     concurrency: int | None = None,
     rate: float | None = None,
     settings: LoadSettings = LoadSettings(),
-    server_pid: int | None = None,
+    server_pid: int | Sequence[int] | None = None,
 ) -> LoadPoint:
-    """One load point: closed loop at `concurrency`, or open loop at `rate` requests/s. With `server_pid` (a local
-    server), the server's own CPU use is measured too."""
-    if (concurrency is None) == (rate is None):
-        raise ValueError("give exactly one of concurrency or rate")
-    if not inputs or all(not np.any(array) for case in inputs for array in case.values()):
-        raise ValueError(
-            "inputs must be real samples (for example the recipe's validation split), not empty or all zeros"
-        )
-    stats = _StatsReader(url, protocol, model, settings.timeout_s)
+    """One load point: closed loop at `concurrency`, or open loop at `rate` requests/s, against one server or
+    several (`url` a list: requests round robin). With `server_pid` (local servers, one pid each), the servers' own
+    CPU use is measured too."""
+    urls = _as_list(url)
+    _check_load(concurrency, rate, inputs, urls)
+    stats = _StatsReaders(urls, protocol, model, settings.timeout_s)
     recorder, stop, me = _Recorder(), threading.Event(), psutil.Process()
-    server = psutil.Process(server_pid) if server_pid else None
+    server = [psutil.Process(pid) for pid in _as_list(server_pid)]
     start_load = _closed_loop if concurrency else _open_loop
-    threads = start_load(url, protocol, model, inputs, concurrency or rate, settings, recorder, stop)
+    threads = start_load(urls, protocol, model, inputs, concurrency or rate, settings, recorder, stop)
     windows: list[Window] = []
     try:
         time.sleep(settings.warmup_s)
@@ -290,7 +350,39 @@ def measure(
         for thread in threads:
             thread.join(timeout=settings.timeout_s + 5)
         stats.close()
-    return _merge(model, protocol, "concurrency" if concurrency else "rate", concurrency or rate, windows, settings)
+    point = _merge(model, protocol, "concurrency" if concurrency else "rate", concurrency or rate, windows, settings)
+    point.endpoints = len(urls)
+    return point
+
+
+@contextlib.contextmanager
+def running_load(
+    url: str | Sequence[str],
+    protocol: Protocol,
+    model: str,
+    inputs: list[dict[str, np.ndarray]],
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    timeout_s: float = 10.0,
+    check: Check | None = None,
+) -> Iterator[_Recorder]:
+    """Load in the background for as long as the block runs (no windows, no stopping rule): for watching a change,
+    such as a rollout, under steady traffic. The recorder's `drain()` returns (latencies ms, errors, late sends) of
+    what completed since the last drain; `first_error` says what went wrong first. With `check`, every answer is
+    decoded and checked: a wrong one counts as an error."""
+    urls = _as_list(url)
+    _check_load(concurrency, rate, inputs, urls)
+    recorder, stop = _Recorder(), threading.Event()
+    start_load = _closed_loop if concurrency else _open_loop
+    settings = LoadSettings(timeout_s=timeout_s)
+    threads = start_load(urls, protocol, model, inputs, concurrency or rate, settings, recorder, stop, check)
+    try:
+        yield recorder
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=timeout_s + 5)
 
 
 def _merge(model, protocol, mode, load, windows: list[Window], settings: LoadSettings) -> LoadPoint:
@@ -343,7 +435,7 @@ def _merge(model, protocol, mode, load, windows: list[Window], settings: LoadSet
 
 
 def sweep(
-    url: str,
+    url: str | Sequence[str],
     protocol: Protocol,
     model: str,
     inputs: list[dict[str, np.ndarray]],
@@ -352,7 +444,7 @@ def sweep(
     rates=(),
     settings: LoadSettings = LoadSettings(),
     progress=None,
-    server_pid: int | None = None,
+    server_pid: int | Sequence[int] | None = None,
 ) -> list[LoadPoint]:
     """Every concurrency, then every rate; `progress(point)` is called after each."""
     points = []

@@ -11,7 +11,6 @@ The caller resolves which Triton to measure (`serving.triton.Endpoint`) and pass
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -26,6 +25,7 @@ from recipes import Recipe, build_recipe
 from recipes.evaluation import load_trained, torch_predictor
 from serving import client, repository
 from serving.repository import ServingConfig
+from serving.targets import Target, open_target
 from serving.triton import Endpoint
 
 SHORT = {"concurrencies": (1, 4), "rates": (), "window_s": 1.0, "max_windows": 4}
@@ -58,12 +58,6 @@ class BenchmarkOptions(BaseModel):
     samples: int = Field(64, ge=1, description="held-out samples the load cycles through")
     sweep_configs: bool = Field(False, description="also try dynamic batching on/off, queue delays and instance counts")
     apply_best: bool = Field(False, description="write the best configuration found as the model's next version")
-
-
-def _model_recipe(repo: Path, model: str) -> tuple[Recipe, dict, Path]:
-    """The recipe, provenance and version folder behind `model` (an alias is followed to its target)."""
-    provenance, version_dir = repository.newest_provenance(repo, model)
-    return build_recipe(provenance["recipe"], provenance.get("options", {})), provenance, version_dir
 
 
 class Baseline(StageOutput):
@@ -126,7 +120,7 @@ def baselines(
 
 
 def config_sweep(
-    repo: Path,
+    target: Target,
     model: str,
     version_dir: Path,
     base: ServingConfig,
@@ -136,14 +130,14 @@ def config_sweep(
     concurrency: int = 16,
 ) -> list[dict]:
     """Throughput at `concurrency` for each server configuration, on a scratch copy `<model>-sweep` that is removed
-    afterwards."""
+    afterwards (measured on the first replica only)."""
     scratch, results = f"{model}-sweep", []
     try:
         for batching, delay, instances in CONFIG_GRID:
             trial = dataclasses.replace(
                 base, dynamic_batching=batching, max_queue_delay_microseconds=delay, instance_count=instances
             )
-            repository.write_version(repo, scratch, version_dir / "model.onnx", trial)
+            target.write_version(scratch, version_dir / "model.onnx", trial)
             client.load_model(endpoint.http, scratch, admin_key=endpoint.admin_key)
             point = loadgen.measure(endpoint.grpc, "grpc", scratch, inputs, concurrency=concurrency, settings=settings)
             results.append(
@@ -163,7 +157,7 @@ def config_sweep(
             )
         except Exception:  # best effort: the folder goes either way
             pass
-        shutil.rmtree(repository.model_dir(repo, scratch), ignore_errors=True)
+        target.remove_model(scratch)
     return sorted(results, key=lambda r: -r["throughput"])
 
 
@@ -172,14 +166,32 @@ def run_benchmark(
     options: BenchmarkOptions,
     endpoint: Endpoint,
     *,
-    repository_path: str = "model_repository",
+    repository_path: str | None = None,
     out_dir: Path | None = None,
     progress: Callable[[str], None] = print,
 ) -> BenchmarkOutput:
-    """Benchmark `model` on the Triton at `endpoint`; returns the figures and the paths of the files written."""
-    repo = paths.resolve(repository_path)
-    recipe, provenance, version_dir = _model_recipe(repo, model)
-    config = repository.serving_config_of(repository.read_config(repo, version_dir.parent.name))
+    """Benchmark `model` on the Triton at `endpoint` (every replica of it, requests spread round robin); returns
+    the figures and the paths of the files written. The repository (a folder or an s3:// URL) tells what the model
+    was made from; default: the one the endpoint's server reads, else the project's model_repository."""
+    target = open_target(repository_path or endpoint.repository or "model_repository")
+    with target.served_copy(model) as (provenance, version_dir):
+        return _run_benchmark(model, options, endpoint, target, provenance, version_dir, out_dir, progress)
+
+
+def _run_benchmark(
+    model: str,
+    options: BenchmarkOptions,
+    endpoint: Endpoint,
+    target: Target,
+    provenance: dict,
+    version_dir: Path,
+    out_dir: Path | None,
+    progress: Callable[[str], None],
+) -> BenchmarkOutput:
+    recipe = build_recipe(provenance["recipe"], provenance.get("options", {}))
+    config = repository.serving_config_of(
+        repository.parse_config((version_dir.parent / "config.pbtxt").read_text(encoding="utf-8"))
+    )
     preset = THOROUGH if options.thorough else SHORT
     settings = loadgen.LoadSettings(
         window_s=preset["window_s"],
@@ -200,10 +212,10 @@ def run_benchmark(
     swept, applied = [], None
     if options.sweep_configs and endpoint.grpc:
         progress("server configuration sweep ...")
-        swept = config_sweep(repo, model, version_dir, config, endpoint, inputs, settings)
+        swept = config_sweep(target, model, version_dir, config, endpoint, inputs, settings)
         notes.append("Configuration sweep (gRPC, concurrency 16): " + "; ".join(map(_sweep_line, swept)))
         if options.apply_best:
-            applied = _apply_best(repo, version_dir, config, swept[0], endpoint, provenance)
+            applied = _apply_best(target, version_dir, config, swept[0], endpoint, provenance)
     extra = {
         "model": model,
         "options": options.model_dump(mode="json"),
@@ -261,18 +273,20 @@ def _sweeps(
     progress: Callable[[str], None],
 ) -> list[LoadPoint]:
     points: list[LoadPoint] = []
+    replicas = endpoint.every()
     for protocol in options.protocols:
-        url = endpoint.urls.get(protocol)
-        if not url:
-            progress(f"skipping {protocol}: no URL for it")
+        urls = [replica.urls[protocol] for replica in replicas if protocol in replica.urls]
+        if len(urls) < len(replicas):
+            progress(f"skipping {protocol}: no URL for it" + (" on every replica" if urls else ""))
             continue
+        pids = [replica.server_pid for replica in replicas]
         points += loadgen.sweep(
-            url,
+            urls,
             protocol,
             model,
             inputs,
             settings=settings,
-            server_pid=endpoint.server_pid,
+            server_pid=pids if all(pids) else None,
             concurrencies=options.concurrencies or preset["concurrencies"],
             rates=options.rates or preset["rates"],
             progress=lambda p: progress(_one_line(p)),
@@ -281,9 +295,10 @@ def _sweeps(
 
 
 def _apply_best(
-    repo: Path, version_dir: Path, base: ServingConfig, best: dict, endpoint: Endpoint, provenance: dict
+    target: Target, version_dir: Path, base: ServingConfig, best: dict, endpoint: Endpoint, provenance: dict
 ) -> dict:
-    """The best configuration as the model's next version, with the same file and provenance, loaded."""
+    """The best configuration as the model's next version, with the same file and provenance, loaded on every
+    replica in turn."""
     model = version_dir.parent.name
     config = dataclasses.replace(
         base,
@@ -291,8 +306,9 @@ def _apply_best(
         max_queue_delay_microseconds=best["max_queue_delay_microseconds"],
         instance_count=best["instance_count"],
     )
-    written = repository.write_version(repo, model, version_dir / "model.onnx", config, provenance=provenance)
-    client.load_model(endpoint.http, model, admin_key=endpoint.admin_key)
+    written = target.write_version(model, version_dir / "model.onnx", config, provenance=provenance)
+    for replica in endpoint.every():
+        client.load_model(replica.http, model, admin_key=endpoint.admin_key or replica.admin_key)
     return {
         "model": model,
         "version": written.version,

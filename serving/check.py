@@ -36,6 +36,7 @@ class ServedCheckOutput(StageOutput):
     protocols: dict[str, ServedComparison]  # the alias, per protocol
     variants: dict[str, dict[str, float]]  # every variant model: protocol -> max |served - in-process|
     latency: LatencyProbe
+    replicas: dict[str, dict[str, float]] = {}  # every other replica's HTTP URL: protocol -> the alias' max |diff|
 
 
 def check_served(
@@ -43,7 +44,7 @@ def check_served(
 ) -> StageResult[ServedCheckOutput]:
     """The alias over every protocol against the selected variant in-process (`sessions[name]`, one per deployed
     variant) and its top-1 against torch's (`torch_top1`, per batch); every variant model against its own file;
-    and a latency probe of the alias."""
+    a latency probe of the alias; and, with several replicas, the alias on each of the others."""
     if not deployed.loaded:
         return StageResult.skipped("served_check", deployed.load_skipped or "model not loaded")
     urls = {"http": deployed.triton_http, **({"grpc": deployed.triton_grpc} if deployed.triton_grpc else {})}
@@ -65,7 +66,12 @@ def check_served(
         latency = latency_probe(
             urls[probe_protocol], probe_protocol, deployed.model, single, sessions[deployed.selected]
         )
-    output = ServedCheckOutput(protocols=protocols, variants=variants, latency=latency)
+        replicas = {}
+        for replica in deployed.replicas[1:]:
+            others = {"http": replica.http, **({"grpc": replica.grpc} if replica.grpc else {})}
+            served = compare_served(others, deployed.model, batches, sessions[deployed.selected])
+            replicas[replica.http] = {p: served[p]["max_abs_diff_vs_in_process"] for p in served}
+    output = ServedCheckOutput(protocols=protocols, variants=variants, latency=latency, replicas=replicas)
     return StageResult(stage="served_check", status=Status.OK, seconds=clock["seconds"], output=output)
 
 

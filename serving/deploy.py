@@ -1,5 +1,8 @@
 """The deploy stage: each variant as its own Triton model `<model>-<variant>`, and `<model>` as an ensemble alias
 of the selected one, so clients keep one URL; every version checksummed, then loaded into the running Triton.
+
+The repository is a local folder or an S3 URL (`serving/targets.py`). With several Triton replicas over it, the
+new versions roll over them one replica at a time, each checked before the next (`serving/rollout.py`).
 """
 
 from __future__ import annotations
@@ -8,9 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import ConfigError
 from core.results import StageOutput, StageResult, Status, timed
-from serving import client, repository
+from serving import rollout
 from serving.repository import ServingConfig
+from serving.rollout import NewVersion, ReplicaRollout
+from serving.targets import Target, open_target
 from serving.triton import Endpoint
 
 
@@ -47,6 +53,8 @@ class DeployOutput(StageOutput):
     ready_version: str | None = None
     triton_http: str | None = None
     triton_grpc: str | None = None
+    repository: str = ""  # the folder or the s3:// URL the versions went to
+    replicas: list[ReplicaRollout] = []  # each replica, in rollout order: what it serves, how it was checked
 
 
 def deploy(
@@ -59,66 +67,114 @@ def deploy(
     endpoint: Endpoint | None,
     load_skipped: str = "",
 ) -> StageResult[DeployOutput]:
-    """Write every deployable and the alias into the repository; load them into `endpoint` when there is one
-    (else `load_skipped` says why not)."""
+    """Write every deployable and the alias into the repository (a folder, relative to the project home, or an
+    `s3://` URL); load them into `endpoint` and its replicas when there is one (else `load_skipped` says why not)."""
     with timed() as clock:
+        target = open_target(repository_path)
+        if endpoint is not None:
+            _require_same_repository(target, endpoint)
         deployed = {}
         # the tensors of every variant are FP32's: read from its ONNX file for models that are not ONNX (IR, .pt2)
         interface = next((d.onnx_path for d in deployables if d.onnx_path.endswith(".onnx")), None)
         for item in deployables:
-            config = dataclasses.replace(
-                serving,
-                runtime=item.runtime,
-                runtime_precision=item.runtime_precision,
-                runtime_settings=dict(item.settings),
-            )
-            version = repository.write_version(
-                repository_path,
+            version = target.write_version(
                 f"{model}-{item.name}",
                 item.onnx_path,
-                config,
+                _config_of(item, serving),
                 provenance={**provenance, "variant": item.name},
                 companions=item.files,
                 interface=interface,
             )
-            repository.verify_version(version.path)
             deployed[item.name] = DeployedVersion(
-                model=version.model_name, version=version.version, path=str(version.path), reused=version.reused
+                model=version.model, version=version.version, path=version.path, reused=version.reused
             )
-        alias = repository.write_alias(
-            repository_path, model, deployed[selected].model, provenance={**provenance, "variant": selected}
-        )
+        alias = target.write_alias(model, deployed[selected].model, provenance={**provenance, "variant": selected})
         output = DeployOutput(
             model=model,
             version=alias.version,
-            path=str(alias.path),
+            path=alias.path,
             selected=selected,
             variants=deployed,
             reused=alias.reused,
             loaded=False,
             load_skipped=load_skipped,
+            repository=target.url,
         )
         if endpoint is not None:
-            output = _load(output, endpoint)
+            output = _load(output, endpoint, target, deployables, serving, interface)
     return StageResult(stage="deploy", status=Status.OK, seconds=clock["seconds"], output=output)
 
 
-def _load(output: DeployOutput, endpoint: Endpoint) -> DeployOutput:
-    """Load every variant, then the alias (which needs its target loaded)."""
-    variants = {
-        name: entry.model_copy(
-            update={"ready_version": client.load_model(endpoint.http, entry.model, admin_key=endpoint.admin_key)}
-        )
-        for name, entry in output.variants.items()
-    }
-    ready = client.load_model(endpoint.http, output.model, admin_key=endpoint.admin_key)
+def _config_of(item: Deployable, serving: ServingConfig) -> ServingConfig:
+    return dataclasses.replace(
+        serving,
+        runtime=item.runtime,
+        runtime_precision=item.runtime_precision,
+        runtime_settings=dict(item.settings),
+        precision=item.name,  # GPU instances: the TensorRT execution provider's fp16 / int8 switches
+    )
+
+
+def _require_same_repository(target: Target, endpoint: Endpoint) -> None:
+    """Refuse, before writing anything, to deploy into one repository and load from a Triton reading another."""
+    for replica in endpoint.every():
+        if replica.repository and not target.same_as(replica.repository):
+            raise ConfigError(  # a configuration mistake: retrying the stage cannot help
+                [
+                    f"repository: Triton at {replica.http} serves the repository {replica.repository}, but this "
+                    f"deploy writes to {target.url}; deploy to the server's repository (--param "
+                    f"repository={replica.repository}) or point serving.triton_url at a Triton that reads this one"
+                ],
+                where="deploy",
+            )
+
+
+def _load(
+    output: DeployOutput,
+    endpoint: Endpoint,
+    target: Target,
+    deployables: list[Deployable],
+    serving: ServingConfig,
+    interface: str | None,
+) -> DeployOutput:
+    """Every variant, then the alias (which needs its target loaded), replica by replica; with several replicas
+    each is checked with a probe request before the next is touched."""
+    replicas = endpoint.every()
+    for entry in [*output.variants.values(), output]:
+        target.verify(entry.model, entry.version)  # once, before any replica reads it
+    variants = []
+    for item in deployables:
+        entry = output.variants[item.name]
+        found, why = (None, "one replica" if len(replicas) == 1 else "no ONNX file gives its tensors")
+        if len(replicas) > 1 and interface:
+            found, why = rollout.safe_probe(
+                item.onnx_path,
+                item.runtime,
+                item.runtime_precision,
+                item.settings,
+                interface,
+                _config_of(item, serving),
+            )
+        variants.append(NewVersion(entry.model, entry.version, found, why, entry.reused))
+    rolled = rollout.roll_out(
+        replicas,
+        variants,
+        NewVersion(output.model, output.version, reused=output.reused),
+        admin_key=endpoint.admin_key,
+        check=len(replicas) > 1,
+    )
+    first = rolled[0].versions
     return output.model_copy(
         update={
-            "variants": variants,
-            "ready_version": ready,
+            "variants": {
+                name: entry.model_copy(update={"ready_version": first[entry.model]})
+                for name, entry in output.variants.items()
+            },
+            "ready_version": first[output.model],
             "loaded": True,
             "load_skipped": "",
             "triton_http": endpoint.http,
             "triton_grpc": endpoint.grpc,
+            "replicas": rolled,
         }
     )

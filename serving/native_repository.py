@@ -1,13 +1,15 @@
-"""The `native` repository flavour, for a Triton that has the ONNX Runtime and TensorRT backends (NGC containers,
-GPU clusters): `onnxruntime_onnx` models for ONNX files and `tensorrt_plan` models for engines, with
-`cc_model_filenames` mapping compute capabilities to engines when several were built.
+"""The `native` repository flavour, for a stock Triton (NGC containers, GPU clusters) without the Python backend's
+dependencies: `onnxruntime_onnx` models for ONNX Runtime variants, `backend: "openvino"` models (Triton's
+openvino_backend, CPU instances) for OpenVINO variants, `tensorrt_plan` models for engines, with
+`cc_model_filenames` mapping compute capabilities to engines when several were built, and the ensemble alias
+`<model>` forwarding to the variant the run selected, so clients keep one model name.
 
     tes export-repository OUT --target-tensorrt 10.3.0.26 --target-cc 8.0,9.0   # from the last run
 
 Every engine is checked against the Triton that will run it (its TensorRT version and its GPUs' compute
 capabilities) before it is written: an engine for another target is refused with `EngineMismatch` (or rebuilt,
 when the caller passes a way to), never shipped. The bundled CPU Triton has only the Python backend, so these
-configs are checked by parsing and by the invariants Triton enforces (`validate`), not by loading.
+configs are checked by parsing and by the invariants Triton and its backends enforce (`validate`), not by loading.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from tritonclient.grpc import model_config_pb2 as mc
 from core.errors import EngineMismatch, RepositoryError
 from core.files import sha256_file
 from core.results import RunDir
-from serving.repository import ServingConfig, VersionResult, io_from_onnx, publish_version
+from serving.repository import (
+    VERSION_MANIFEST,
+    ServingConfig,
+    VersionResult,
+    io_from_onnx,
+    publish_version,
+    write_alias,
+)
 
 _CAPABILITY = re.compile(r"^\d+\.\d+$")
 _NUMPY_TO_TRITON = {
@@ -40,6 +49,33 @@ _NUMPY_TO_TRITON = {
     "bfloat16": mc.TYPE_BF16,
 }
 ENGINE_MANIFEST, VERIFICATION = "engine.json", "verification.json"  # beside each engine (export/trt_engine.py)
+# openvino_backend (src/openvino.cc, README "Parameters"): the keys it reads and the values it takes (any case); any
+# other key it refuses at load ("not yet supported by openvino backend"). Its default model file is model.xml
+# (weights in model.bin beside it); default_model_filename "model.onnx" makes it read ONNX.
+_OPENVINO_VALUES = {
+    "PERFORMANCE_HINT": r"latency|throughput|cumulative_throughput",
+    "INFERENCE_NUM_THREADS": r"\d+",
+    "COMPILATION_NUM_THREADS": r"\d+",
+    "HINT_BF16": r"yes",
+    "NUM_STREAMS": r"auto|numa|\d+",
+    "ENABLE_BATCH_PADDING": r"yes|no",
+    "SKIP_OV_DYNAMIC_BATCHSIZE": r"yes|no",
+    "RESHAPE_IO_LAYERS": r"yes|no",
+    "TARGET_DEVICE": r".+",  # CPU (default), GPU, NPU, AUTO...: these models run on CPU instances
+    "CPU_EXTENSION_PATH": r".+",
+}
+_OV_TO_TRITON = {
+    "f32": mc.TYPE_FP32,
+    "f16": mc.TYPE_FP16,
+    "f64": mc.TYPE_FP64,
+    "bf16": mc.TYPE_BF16,
+    "i64": mc.TYPE_INT64,
+    "i32": mc.TYPE_INT32,
+    "i16": mc.TYPE_INT16,
+    "i8": mc.TYPE_INT8,
+    "u8": mc.TYPE_UINT8,
+    "boolean": mc.TYPE_BOOL,
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +90,11 @@ class EngineTarget:
 @dataclass
 class NativeExport:
     versions: list[VersionResult]
-    left_out: list[str] = field(default_factory=list)  # engines not exported, each with its reason
+    left_out: list[str] = field(default_factory=list)  # variants and engines not exported, each with its reason
     server_args: list[str] = field(default_factory=list)  # tritonserver options these models need
+    alias: VersionResult | None = None  # the ensemble `<model>`, forwarding to `alias_target`
+    alias_target: str = ""
+    notes: list[str] = field(default_factory=list)  # what differs from the run: a fallback alias, pinned precisions
 
 
 # --- engine compatibility -------------------------------------------------------------------------------------------
@@ -98,8 +137,9 @@ def check_engine(manifest: dict, compute_capability: str, tensorrt_version: str)
 
 
 # --- configs --------------------------------------------------------------------------------------------------------
-def _common(name: str, platform: str, inputs: list, outputs: list, serving: ServingConfig, gpu: bool) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=name, platform=platform, max_batch_size=serving.max_batch_size)
+def _common(name: str, runs_on: dict, inputs: list, outputs: list, serving: ServingConfig, gpu: bool) -> mc.ModelConfig:
+    """The parts every native model shares; `runs_on` is {"platform": ...} or {"backend": ...}."""
+    config = mc.ModelConfig(name=name, max_batch_size=serving.max_batch_size, **runs_on)
     config.input.extend(inputs)
     config.output.extend(outputs)
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
@@ -116,7 +156,7 @@ def _common(name: str, platform: str, inputs: list, outputs: list, serving: Serv
 def onnx_config(name: str, onnx_path: Path, serving: ServingConfig, gpu: bool = True) -> mc.ModelConfig:
     """An `onnxruntime_onnx` model; its tensors are read from the ONNX graph."""
     inputs, outputs = io_from_onnx(Path(onnx_path), batched=serving.max_batch_size > 0)
-    config = _common(name, "onnxruntime_onnx", inputs, outputs, serving, gpu)
+    config = _common(name, {"platform": "onnxruntime_onnx"}, inputs, outputs, serving, gpu)
     config.default_model_filename = "model.onnx"
     return config
 
@@ -146,11 +186,47 @@ def io_from_manifest(manifest: dict, batched: bool) -> tuple[list[mc.ModelInput]
 def plan_config(name: str, manifest: dict, engines: dict[str, str], serving: ServingConfig) -> mc.ModelConfig:
     """A `tensorrt_plan` model; `engines` maps compute capability ("8.0", "9.0") to the engine's file name."""
     inputs, outputs = io_from_manifest(manifest, batched=serving.max_batch_size > 0)
-    config = _common(name, "tensorrt_plan", inputs, outputs, serving, gpu=True)
+    config = _common(name, {"platform": "tensorrt_plan"}, inputs, outputs, serving, gpu=True)
     if len(set(engines.values())) == 1:
         config.default_model_filename = next(iter(engines.values()))
     for capability, file_name in sorted(engines.items()):
         config.cc_model_filenames[capability] = file_name
+    return config
+
+
+def openvino_parameters(precision: str | None, settings: dict, serving: ServingConfig) -> dict[str, str]:
+    """The openvino_backend parameters for what the precision stage measured best (`core.runtimes.openvino_config`'s
+    twin, in the keys the backend reads). It has no key for f32 float layers: only HINT_BF16 turns bf16 on."""
+    parameters = {"PERFORMANCE_HINT": settings.get("performance_hint") or "LATENCY"}
+    threads = serving.intra_op_threads or settings.get("threads", 0)
+    if threads:
+        parameters["INFERENCE_NUM_THREADS"] = str(threads)
+    if settings.get("streams"):
+        parameters["NUM_STREAMS"] = str(settings["streams"])
+    if precision == "bf16":
+        parameters["HINT_BF16"] = "YES"
+    if serving.max_batch_size > 0:
+        # the backend fixes the batch axis to max_batch_size (ov::set_batch) and refuses any other batch unless it
+        # may pad it with zeros: without this, a request of batch 1 fails
+        parameters["ENABLE_BATCH_PADDING"] = "YES"
+    return parameters
+
+
+def openvino_backend_config(
+    name: str,
+    model_file: str,
+    interface: Path,
+    serving: ServingConfig,
+    precision: str | None = None,
+    settings: dict | None = None,
+) -> mc.ModelConfig:
+    """A `backend: "openvino"` model on CPU instances (the backend refuses GPU ones) running `model_file`
+    ("model.xml": an IR, "model.onnx"); its tensors are read from the ONNX graph `interface`."""
+    inputs, outputs = io_from_onnx(Path(interface), batched=serving.max_batch_size > 0)
+    config = _common(name, {"backend": "openvino"}, inputs, outputs, serving, gpu=False)
+    config.default_model_filename = model_file
+    for key, value in openvino_parameters(precision, settings or {}, serving).items():
+        config.parameters[key].string_value = value
     return config
 
 
@@ -183,7 +259,7 @@ def _file_problems(config: mc.ModelConfig, version_dir: Path) -> list[str]:
     default = config.default_model_filename
     if default and not (version_dir / default).is_file():
         problems.append(f"default_model_filename {default!r} is not in {version_dir}")
-    if not default and not config.cc_model_filenames:
+    if not default and not config.cc_model_filenames and config.backend != "openvino":  # its default: model.xml
         problems.append("neither default_model_filename nor cc_model_filenames names the model file")
     return problems
 
@@ -227,11 +303,75 @@ def _plan_problems(config: mc.ModelConfig, version_dir: Path) -> list[str]:
     return problems
 
 
+def _ir_tensors(path: Path, batched: bool) -> tuple[list[mc.ModelInput], list[mc.ModelOutput]]:
+    """An OpenVINO IR's own tensors, as the backend reads them (`read_model`), batch axis dropped."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+
+    def described(kind: type, port) -> mc.ModelInput | mc.ModelOutput:
+        shape, element = port.get_partial_shape(), port.get_element_type().get_type_name()
+        if shape.rank.is_dynamic or element not in _OV_TO_TRITON:
+            raise RepositoryError(
+                f"tensor '{port.get_any_name()}' of {path.name}: {element} {shape} has no Triton form"
+            )
+        dims = [d.get_length() if d.is_static else -1 for d in shape]
+        return kind(name=port.get_any_name(), data_type=_OV_TO_TRITON[element], dims=dims[1:] if batched else dims)
+
+    return [described(mc.ModelInput, p) for p in model.inputs], [described(mc.ModelOutput, p) for p in model.outputs]
+
+
+def _openvino_problems(config: mc.ModelConfig, version_dir: Path) -> list[str]:
+    """What openvino_backend refuses at load or at a request: a GPU instance group, a parameter it does not read or a
+    value it does not take, batches it cannot run, an IR without its weights, tensors the model file lacks."""
+    problems = [
+        f"instance group kind {mc.ModelInstanceGroup.Kind.Name(group.kind)}: the openvino backend runs KIND_CPU "
+        "(or KIND_AUTO) instances only"
+        for group in config.instance_group
+        if group.kind not in (mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_AUTO)
+    ]
+    for key, parameter in config.parameters.items():
+        value = parameter.string_value
+        if key not in _OPENVINO_VALUES:
+            problems.append(f"parameter {key!r} is not one the openvino backend reads: {sorted(_OPENVINO_VALUES)}")
+        elif value and not re.fullmatch(_OPENVINO_VALUES[key], value, re.IGNORECASE):
+            problems.append(f"parameter {key} is {value!r}, the openvino backend takes {_OPENVINO_VALUES[key].upper()}")
+    padding = (
+        config.parameters["ENABLE_BATCH_PADDING"].string_value if "ENABLE_BATCH_PADDING" in config.parameters else ""
+    )
+    if config.max_batch_size > 0 and padding.lower() != "yes":
+        problems.append(
+            f"max_batch_size is {config.max_batch_size} without ENABLE_BATCH_PADDING=YES: the openvino backend "
+            f"refuses every batch but {config.max_batch_size}; set it, or max_batch_size=0"
+        )
+    path = version_dir / (config.default_model_filename or "model.xml")
+    if not path.is_file():
+        return problems + ([f"model.xml is not in {version_dir}"] if not config.default_model_filename else [])
+    if path.suffix == ".onnx":
+        return problems + _onnx_problems(config, version_dir)
+    if path.suffix != ".xml":
+        return problems + [f"default_model_filename {path.name!r}: expected model.xml (an IR) or model.onnx"]
+    if not path.with_suffix(".bin").is_file():
+        return problems + [f"the IR {path.name} has no weights {path.with_suffix('.bin').name} beside it"]
+    try:
+        inputs, outputs = _ir_tensors(path, batched=config.max_batch_size > 0)
+    except ImportError:
+        return problems  # without OpenVINO here, the IR's tensors are checked by the server when it loads
+    except (RepositoryError, RuntimeError) as error:
+        return problems + [f"the IR {path.name}: {error}"]
+    return problems + _tensor_problems(config, inputs, outputs, f"the IR {path.name}")
+
+
 def validate(config: mc.ModelConfig, version_dir: Path) -> None:
-    """The invariants Triton checks when it loads a native model, all reported at once."""
+    """The invariants Triton (and its onnxruntime, tensorrt and openvino backends) checks when it loads a native
+    model, all reported at once."""
     problems = []
-    if config.platform not in ("onnxruntime_onnx", "tensorrt_plan"):
-        problems.append(f"platform is {config.platform!r}, expected onnxruntime_onnx or tensorrt_plan")
+    openvino = config.backend == "openvino" and not config.platform
+    if config.platform not in ("onnxruntime_onnx", "tensorrt_plan") and not openvino:
+        problems.append(
+            f"platform is {config.platform!r} and backend {config.backend!r}, expected platform onnxruntime_onnx or "
+            "tensorrt_plan, or backend openvino"
+        )
     if config.max_batch_size < 0:
         problems.append(f"max_batch_size is {config.max_batch_size}, expected 0 (no batching) or more")
     for tensor in [*config.input, *config.output]:
@@ -247,6 +387,8 @@ def validate(config: mc.ModelConfig, version_dir: Path) -> None:
         problems += _onnx_problems(config, version_dir)
     elif config.platform == "tensorrt_plan":
         problems += _plan_problems(config, version_dir)
+    elif openvino:
+        problems += _openvino_problems(config, version_dir)
     if problems:
         raise RepositoryError(f"native model '{config.name}' would not load:\n  - " + "\n  - ".join(problems))
 
@@ -371,6 +513,67 @@ def _engine_plan(
     return plan, left_out
 
 
+def _variant_files(variant: dict) -> dict[str, Path]:
+    """A variant's files by their name in the version: the model file as the backend expects it (model.onnx; an IR as
+    model.xml with model.bin), an ONNX graph's external data under the names its `location` fields give."""
+    path, companions = Path(variant["path"]), [Path(p) for p in variant.get("files") or []]
+    if path.suffix == ".xml":
+        weights = next((c for c in companions if c.suffix == ".bin"), path.with_suffix(".bin"))
+        names, sources = ["model.xml", "model.bin"], [path, weights]
+    else:
+        names, sources = ["model.onnx", *(c.name for c in companions)], [path, *companions]
+    missing = [str(source) for source in sources if not source.is_file()]
+    if missing:
+        raise RepositoryError(f"variant {variant['name']}: {missing} do not exist; run the precision stage again")
+    if len(set(names)) != len(names) or VERSION_MANIFEST in names:
+        raise RepositoryError(
+            f"variant {variant['name']}: its files would share a name in the version folder ({names}, beside "
+            f"{VERSION_MANIFEST}); rename the external data file"
+        )
+    return dict(zip(names, sources))
+
+
+def _variant_version(
+    out: Path, model: str, variant: dict, run: RunDir, serving: ServingConfig, gpu: bool
+) -> VersionResult:
+    files, name = _variant_files(variant), f"{model}-{variant['name']}"
+    if variant["runtime"] == "onnxruntime":
+        config = onnx_config(name, files["model.onnx"], serving, gpu)
+    else:  # an IR takes the tensors of the ONNX graph it was converted from: the run's export
+        model_file = "model.xml" if "model.xml" in files else "model.onnx"
+        interface = files.get("model.onnx", run.onnx)
+        if not interface.is_file():
+            raise RepositoryError(f"variant {variant['name']}: the run's ONNX export {interface} (its tensors) is gone")
+        settings = variant.get("settings") or {}
+        config = openvino_backend_config(
+            name, model_file, interface, serving, variant.get("runtime_precision"), settings
+        )
+    return write_native_version(out, config, files, {"run": run.run_id, "variant": variant["name"]})
+
+
+def _alias_choice(variants: list[dict], written: dict[str, str], unwritten: dict[str, str], policy: str):
+    """(the variant the alias forwards to, a note when it is not the one the run selected): the run's selection
+    when this flavour wrote it, else the best written variant by the run's policy."""
+    selected = next((v["name"] for v in variants if v.get("serves_alias")), None)
+    if selected in written:
+        return selected, ""
+    candidates = [v for v in variants if v["name"] in written]
+    if policy == "min-latency":
+        best = min(candidates, key=lambda v: v.get("latency_p50_ms") or float("inf"))
+        measured = f"p50 {best.get('latency_p50_ms') or 0:.2f} ms at batch 1"
+    else:
+        best = max(candidates, key=lambda v: v.get("throughput_per_s") or 0.0)
+        measured = f"{best.get('throughput_per_s') or 0:.0f} samples/s"
+    why = (
+        f"the run serves {selected} under the plain name, which this flavour does not write "
+        f"({unwritten.get(selected, 'it was not accepted')})"
+        if selected
+        else "the run recorded no selected variant"
+    )
+    note = f"{why}; the alias forwards to {best['name']} instead, the best it wrote by {policy} ({measured})"
+    return best["name"], note
+
+
 def export_repository(
     run_dir: Path,
     out: Path,
@@ -381,36 +584,51 @@ def export_repository(
     include_engines: bool = True,
     rebuild: Rebuild | None = None,
     engine_dirs: list[Path] | None = None,
+    policy: str = "max-throughput",
 ) -> NativeExport:
     """A native repository for another Triton from a finished run: an `onnxruntime_onnx` model per accepted ONNX
-    Runtime variant, and a `tensorrt_plan` model per engine precision (`<model>-tensorrt-<precision>`) whose engines
-    cover every target compute capability. `engine_dirs` adds engine folders built elsewhere for this run. Engines
-    are checked (and rebuilt, if `rebuild` is given) before any model is written."""
+    Runtime variant and a `backend: "openvino"` model per accepted OpenVINO variant (`<model>-<variant>`), a
+    `tensorrt_plan` model per engine precision (`<model>-tensorrt-<precision>`) whose engines cover every target
+    compute capability, and the ensemble alias `<model>` forwarding to the variant the run selected (or, when this
+    flavour cannot write that one, the best it wrote by `policy`, the run's). `engine_dirs` adds engine folders built
+    elsewhere for this run. Engines are checked (and rebuilt, if `rebuild` is given) before any model is written."""
     run, out = RunDir(run_dir, create=False), Path(out)
     variants = json.loads(run.variants.read_text())
     folders = sorted(p.parent for p in run.engines.rglob(ENGINE_MANIFEST)) + list(engine_dirs or [])
     plan, left_out = _engine_plan(run, variants, folders, target, rebuild) if folders and include_engines else ({}, [])
     result = NativeExport(versions=[], left_out=left_out)
+    written, unwritten = {}, {}
     for variant in (v for v in variants if v["status"] == "accepted"):
-        if (
-            variant["runtime"] != "onnxruntime"
-        ):  # Triton's OpenVINO backend is not checked here; the Python flavour serves it
+        if variant["runtime"] not in ("onnxruntime", "openvino"):
+            unwritten[variant["name"]] = f"it runs in {variant['runtime']}"
             result.left_out.append(
                 f"{variant['name']}: runs in {variant['runtime']}, which this flavour does not write "
-                "(onnxruntime_onnx and tensorrt_plan only); the Python-backend repository of `tes run` serves it"
+                "(onnxruntime_onnx, openvino and tensorrt_plan only); the Python-backend repository of `tes run` "
+                "serves it"
             )
             continue
-        config = onnx_config(f"{model}-{variant['name']}", Path(variant["path"]), serving, gpu)
-        result.versions.append(
-            write_native_version(out, config, {"model.onnx": Path(variant["path"])}, {"run": run.run_id})
-        )
+        version = _variant_version(out, model, variant, run, serving, gpu)
+        result.versions.append(version)
+        written[variant["name"]] = version.model_name
+        if variant["runtime"] == "openvino" and variant.get("runtime_precision") != "bf16":
+            result.notes.append(
+                f"{version.model_name}: measured best with f32 float layers, but the openvino backend has no "
+                "parameter that pins f32 (only HINT_BF16): on a CPU with bf16 kernels (AVX512_BF16, AMX) OpenVINO "
+                "defaults to bf16, which the precision stage may have rejected (the Python-backend repository of "
+                "`tes run` pins f32)"
+            )
     for precision, chosen in plan.items():
         result.versions.append(_engine_version(out, f"{model}-tensorrt-{precision}", chosen, serving, run.run_id))
         if any(manifest.get("version_compatible") for _, manifest in chosen.values()):
             result.server_args = ["--backend-config=tensorrt,version-compatible=true"]
     if not result.versions:
         raise RepositoryError(
-            f"run {run.path} has no accepted ONNX Runtime variant and no usable engine to export"
+            f"run {run.path} has no accepted ONNX Runtime or OpenVINO variant and no usable engine to export"
             + "".join(f"\n  - {line}" for line in result.left_out)
         )
+    if written:
+        chosen_variant, note = _alias_choice(variants, written, unwritten, policy)
+        result.alias_target = written[chosen_variant]
+        result.alias = write_alias(out, model, result.alias_target, {"run": run.run_id, "variant": chosen_variant})
+        result.notes += [note] if note else []
     return result

@@ -32,6 +32,7 @@ version against its manifest before asking Triton to load it, so a file changed 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -177,6 +178,33 @@ def _endpoint_problems(endpoint: str | None) -> list[str]:
     return []
 
 
+# what boto3's credential chain and region read from the environment: a change gives a new client
+_CLIENT_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _client(endpoint_url: str | None, *environment: str | None):
+    """One session and S3 client per endpoint and credential environment: building one costs about 0.1 s, and a
+    deploy makes dozens of requests. boto3 clients are thread-safe; refreshable credentials refresh themselves."""
+    session = boto3.session.Session()
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"mode": "standard", "max_attempts": 3},
+        s3={"addressing_style": "path"} if endpoint_url else None,  # what Triton uses
+    )
+    return session, session.client("s3", endpoint_url=endpoint_url, config=config)
+
+
 @dataclass(frozen=True)
 class _Object:
     body: bytes
@@ -189,14 +217,7 @@ class _Store:
 
     def __init__(self, location: S3Location):
         self.location = location
-        self.session = boto3.session.Session()
-        config = Config(
-            connect_timeout=5,
-            read_timeout=60,
-            retries={"mode": "standard", "max_attempts": 3},
-            s3={"addressing_style": "path"} if location.endpoint_url else None,  # what Triton uses
-        )
-        self.s3 = self.session.client("s3", endpoint_url=location.endpoint_url, config=config)
+        self.session, self.s3 = _client(location.endpoint_url, *(os.environ.get(name) for name in _CLIENT_ENV))
 
     def list(self, prefix: str) -> tuple[list[dict], datetime]:
         """Every object under `prefix`, and the store's clock (the first page's Date header)."""
@@ -231,6 +252,10 @@ class _Store:
     def upload(self, key: str, path: Path) -> None:
         with self._errors("uploading", key):
             self.s3.upload_file(str(path), self.location.bucket, key)  # multipart beyond 8 MB
+
+    def download(self, key: str, path: Path) -> None:
+        with self._errors("downloading", key):
+            self.s3.download_file(self.location.bucket, key, str(path))
 
     def sha256(self, key: str) -> str:
         """The sha256 of the object as the store serves it now, or "missing"."""
@@ -611,6 +636,42 @@ def verify_version(location: S3Location, model: str, version: int | None = None)
             + "\nPublish a fresh version; never overwrite objects inside a version folder."
         )
     return recorded
+
+
+def list_models(location: S3Location) -> list[str]:
+    """The models of the repository that have a config.pbtxt (what a freshly started Triton can load), by name."""
+    base = location.key() + "/" if location.prefix else ""
+    objects, _ = _Store(location).list(base)
+    configs = [entry["Key"][len(base) : -len(CONFIG) - 1] for entry in objects if entry["Key"].endswith("/" + CONFIG)]
+    return sorted(name for name in configs if name and "/" not in name)  # `<model>/config.pbtxt`, nothing deeper
+
+
+def fetch_version(location: S3Location, model: str, destination: str | Path, version: int | None = None) -> Path:
+    """Download a version (default: the served one) into `destination/<model>/<version>/`, with the model's
+    config.pbtxt beside it, every file checked against the manifest (ChecksumError on a difference); returns the
+    version folder. The local copy is what `repository` functions read (the benchmark's in-process baselines)."""
+    version = version if version is not None else served_version(location, model)
+    if version is None:
+        raise RepositoryError(f"model '{model}' has no served version in {location}; deploy it first")
+    manifest, store = read_manifest(location, model, version), _Store(location)
+    folder = Path(destination) / check_model_name(model) / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in manifest["files"]:
+        if not _SEGMENT.match(name):
+            raise RepositoryError(f"version {version} of '{model}' in {location} lists a file named {name!r}")
+        store.download(location.key(model, version, name), folder / name)
+    atomic_write_text(folder / VERSION_MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    atomic_write_text(folder.parent / CONFIG, config_text(read_config(location, model)))
+    repository.verify_version(folder)
+    return folder
+
+
+def delete_model(location: S3Location, model: str) -> int:
+    """Delete every object of `model` (a scratch model nobody serves); returns how many there were."""
+    store = _Store(location)
+    objects, _ = store.list(location.key(check_model_name(model)) + "/")
+    store.delete([entry["Key"] for entry in objects])
+    return len(objects)
 
 
 def load_verified(

@@ -99,22 +99,29 @@ class TritonProcess:
         return asdict(self)
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.http_url, self.grpc_url, self.admin_key, self.pid)
+        return Endpoint(self.http_url, self.grpc_url, self.admin_key, self.pid, repository=self.repository)
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """The Triton a run talks to, resolved once when the run starts and passed to every stage that needs it."""
+    """The Triton a run talks to, resolved once when the run starts and passed to every stage that needs it. With
+    several replicas over one repository, it is the first, and `replicas` lists them all (it first)."""
 
     http: str  # host:port
     grpc: str | None = None
     admin_key: str | None = None  # for the model-repository API, when the server restricts it
     server_pid: int | None = None  # the server's process when it runs on this machine (its CPU time is accounted)
+    replicas: tuple[Endpoint, ...] = ()  # every replica, this one first; () when it is the only server
+    repository: str | None = None  # what the server reads (a folder or an s3:// URL), when known
 
     @property
     def urls(self) -> dict[str, str]:
         """protocol -> host:port, for the protocols this endpoint has."""
         return {"http": self.http, **({"grpc": self.grpc} if self.grpc else {})}
+
+    def every(self) -> tuple[Endpoint, ...]:
+        """Every replica (just this endpoint when there are no others)."""
+        return self.replicas or (self,)
 
 
 def _is_ready(http_url: str) -> bool:
@@ -143,16 +150,21 @@ def start(
     extra_args: list[str] | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
     admin_key: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> TritonProcess:
     """Start tritonserver and wait until it is ready; on failure, stop it and raise with its log tail.
+
+    `repository` is a local folder (created if missing) or Triton's S3 URL, `s3://bucket/prefix` or
+    `s3://host:port/bucket/prefix` (`S3Location.triton_url()`), passed through as written. For S3, `env` carries
+    the credentials (`s3_repository.server_environment`), and Triton copies each model it loads into a folder under
+    `work_dir` (`TRITON_AWS_MOUNT_DIRECTORY`) unless `env` names another.
 
     With `admin_key`, the model-repository, shared-memory, trace and logging APIs of both protocols answer only
     requests that carry it in the `tes-admin-key` header; health, metadata and inference stay open."""
     dist, _ = _pytriton_paths()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    repository = Path(repository).resolve()
-    repository.mkdir(parents=True, exist_ok=True)
+    repository = _repository_argument(repository)
     ports = {
         "http": http_port or free_port(host),
         "grpc": grpc_port or free_port(host),
@@ -177,14 +189,37 @@ def start(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(),
+            env={**server_env(), **_s3_env(repository, work_dir, ports["http"]), **(env or {})},
             start_new_session=True,
         )
     server = TritonProcess(
-        process.pid, ports["http"], ports["grpc"], ports["metrics"], str(repository), str(log_path), host, admin_key
+        process.pid, ports["http"], ports["grpc"], ports["metrics"], repository, str(log_path), host, admin_key
     )
     _wait_ready(server, process, ready_timeout_s)
     return server
+
+
+def is_s3_url(repository: str | Path) -> bool:
+    return isinstance(repository, str) and repository.startswith("s3://")
+
+
+def _repository_argument(repository: str | Path) -> str:
+    """What `--model-repository=` gets: an S3 URL as written (Path() would fold its '//'), else the absolute folder,
+    created if missing."""
+    if is_s3_url(repository):
+        return str(repository)
+    folder = Path(repository).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def _s3_env(repository: str, work_dir: Path, http_port: int) -> dict[str, str]:
+    """Where this server copies the models it loads from S3: its own folder, so replicas never share one."""
+    if not is_s3_url(repository):
+        return {}
+    mount = work_dir / f"s3-mount-{http_port}"
+    mount.mkdir(parents=True, exist_ok=True)
+    return {"TRITON_AWS_MOUNT_DIRECTORY": str(mount)}
 
 
 def _server_args(host: str, ports: dict[str, int], backends: Path) -> list[str]:

@@ -69,7 +69,8 @@ def export_repository(
     rebuild: Rebuild = False,
     engine_dir: EngineDirs = None,
 ) -> None:
-    """Write a native (onnxruntime_onnx / tensorrt_plan) repository from a run, for an NGC Triton or a cluster."""
+    """Write a native (onnxruntime_onnx / openvino / tensorrt_plan) repository from a run, with the plain model name
+    as an ensemble alias, for a stock NGC Triton or a cluster."""
     from export.trt_engine import local_rebuild
     from serving.native_repository import export_repository as export
 
@@ -90,18 +91,25 @@ def export_repository(
         include_engines=not no_engines,
         rebuild=rebuilder,
         engine_dirs=[Path(folder) for folder in engine_dir or []],
+        policy=params.precision.policy,
     )
+    rows = [[v.model_name, str(v.version), str(v.path)] for v in exported.versions]
+    if exported.alias:  # the plain name, first: what clients call
+        alias = exported.alias
+        rows.insert(0, [f"{alias.model_name} -> {exported.alias_target}", str(alias.version), str(alias.path)])
     output.table(
         ["model", "version", "folder"],
-        [[v.model_name, str(v.version), str(v.path)] for v in exported.versions],
+        rows,
         title=f"native repository {Path(out).resolve()}",
         numeric=frozenset({1}),
     )
     for line in exported.left_out:
         output.say(f"left out: {line}")
+    for line in exported.notes:
+        output.say(f"note: {line}")
     server_args = "".join(f" {arg}" for arg in exported.server_args)
     output.say(
-        "\nServe it with a Triton that has the onnxruntime and tensorrt backends, e.g. an NGC container:\n"
+        "\nServe it with a Triton that has the onnxruntime, openvino and tensorrt backends, e.g. an NGC container:\n"
         f"  tritonserver --model-repository={Path(out).resolve()}{server_args}"
     )
 

@@ -23,6 +23,32 @@ PortOption = Annotated[
     ),
 ]
 NO_STACK = "no stack is up: start it with `tes up`"
+Replicas = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        max=32,
+        show_default="as before, else 1",
+        help="Triton processes over the one repository, each on its own ports (the first on the ports above).",
+    ),
+]
+RepositoryOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--repository",
+        metavar="FOLDER|s3://BUCKET/PREFIX",
+        show_default="as before, else model_repository",
+        help="The model repository Triton serves: a folder, or S3 (credentials: boto3's chain, as for `aws`).",
+    ),
+]
+S3Endpoint = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="http(s)://HOST:PORT",
+        show_default="AWS_ENDPOINT_URL, else AWS",
+        help="The S3-compatible store (MinIO, Ceph...) of an s3:// repository.",
+    ),
+]
 
 
 def up(
@@ -30,12 +56,22 @@ def up(
     http_port: PortOption = None,
     grpc_port: PortOption = None,
     metrics_port: PortOption = None,
+    replicas: Replicas = None,
+    repository: RepositoryOption = None,
+    s3_endpoint: S3Endpoint = None,
 ) -> None:
-    """Start the Prefect server, the deployment runner and Triton (loopback only)."""
+    """Start the Prefect server, the deployment runner and Triton (loopback only); only what is not running."""
     from flows import stack
 
     state = stack.up(
-        prefect_port=prefect_port, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, say=output.say
+        prefect_port=prefect_port,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        replicas=replicas,
+        repository=repository,
+        s3_endpoint=s3_endpoint,
+        say=output.say,
     )
     _print_stack(state)
 
@@ -48,46 +84,76 @@ def down() -> None:
 
 
 def status() -> int:
-    """What is running, and every model version Triton knows with its state."""
+    """What is running, and every model version each Triton replica knows with its state."""
     from flows import stack
-    from serving import client, triton
+    from serving import triton
 
     state = stack.read()
     if not state:
         output.error(NO_STACK)
         return 1
+    servers = _replica_names(state)
+    parts = [(part, state[part]) for part in ("prefect", "runner") if part in state] + list(servers.items())
     output.table(
-        ["process", "pid", "state"],
-        [
-            [part, str(state[part]["pid"]), "running" if triton.pid_alive(state[part]["pid"]) else "GONE"]
-            for part in ("prefect", "runner", "triton")
-        ],
-        title="stack",
-        numeric=frozenset({1}),
-    )
-    url = stack.triton_url("http")
-    if url is None:
-        output.error("Triton is not running: restart the stack with `tes down` and `tes up`")
-        return 1
-    models = client.model_states(url, stack.triton_admin_key())
-    if not models:
-        output.say(f"no model in the repository of Triton at {url} yet: deploy one with `tes run` or `tes demo`")
-        return 0
-    output.table(
-        ["model", "version", "state", "reason"],
+        ["process", "pid", "address", "state"],
         [
             [
-                entry.get("name", "?"),
-                str(entry.get("version", "-")),
-                entry.get("state", "UNAVAILABLE"),
-                entry.get("reason", ""),
+                part,
+                str(entry["pid"]),
+                f"{entry['host']}:{entry['http_port']}" if "http_port" in entry else entry.get("api_url", ""),
+                "running" if triton.pid_alive(entry["pid"]) else "GONE",
             ]
-            for entry in models
+            for part, entry in parts
         ],
-        title=f"models on Triton at {url}",
+        title=f"stack (repository {stack.repository()})",
         numeric=frozenset({1}),
     )
+    alive = {name: entry for name, entry in servers.items() if triton.pid_alive(entry["pid"])}
+    if not alive:
+        output.error("Triton is not running: `tes up` starts it again")
+        return 1
+    rows = _model_rows(alive)
+    if rows:
+        output.table(["replica", "model", "version", "state", "reason"], rows, title="models on each Triton replica")
+    else:
+        output.say("no model in the repository yet: deploy one with `tes run` or `tes demo`")
+    gone = sorted(set(servers) - set(alive))
+    if gone:
+        output.error(f"{', '.join(gone)} not running: `tes up` starts what is gone and leaves the rest serving")
+        return 1
     return 0
+
+
+def _replica_names(state: dict) -> dict[str, dict]:
+    from flows import stack
+
+    known = stack.replicas(state)
+    return {(f"triton-{n}" if len(known) > 1 else "triton"): entry for n, entry in enumerate(known, 1)}
+
+
+def _model_rows(alive: dict[str, dict]) -> list[list[str]]:
+    """replica, model, version, state, reason: every version each live replica knows."""
+    from core.errors import ServerError
+    from serving import client
+
+    rows = []
+    for name, entry in alive.items():
+        try:
+            models = client.model_states(f"{entry['host']}:{entry['http_port']}", entry.get("admin_key"))
+        except ServerError as error:
+            rows.append([name, "-", "-", "UNREACHABLE", str(error)])
+            continue
+        for model in models:
+            rows.append(
+                [
+                    name,
+                    model.get("name", "?"),
+                    str(model.get("version", "-")),
+                    model.get("state", "UNAVAILABLE"),
+                    model.get("reason", ""),
+                ]
+            )
+    return rows
 
 
 def env() -> int:
@@ -103,12 +169,31 @@ def env() -> int:
     return 0
 
 
-def run(param: ParamPairs = None, params: ParamsJson = None) -> None:
-    """Run the pipeline in-process, no servers needed (loads into Triton if the stack is up)."""
-    from flows.params import parse_params
-    from flows.pipeline import run_pipeline
+ResumeOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--resume",
+        metavar="RUN",
+        show_default=False,
+        help="Continue a failed or killed run in its own folder (a run folder, or `last`: the newest unfinished "
+        "one); its completed stages are reused after their sha256 are checked, training resumes from its checkpoint.",
+    ),
+]
 
-    result = run_pipeline(parse_params(pipeline_overrides(params, param)))
+
+def run(param: ParamPairs = None, params: ParamsJson = None, resume: ResumeOption = None) -> None:
+    """Run the pipeline in-process, no servers needed (loads into Triton if the stack is up)."""
+    from core.errors import TesError
+    from flows.params import parse_params
+    from flows.pipeline import resumable_run, run_pipeline
+
+    if resume is None:
+        result = run_pipeline(parse_params(_with_stack_repository(pipeline_overrides(params, param))))
+    else:
+        if param or params:
+            raise TesError("--resume continues a run with the parameters it started with: leave out --param/--params")
+        resumed_params, folder = resumable_run(resume)
+        result = run_pipeline(resumed_params, resume=folder)
     output.markdown(rundata.report_of(result))
 
 
@@ -117,9 +202,9 @@ def demo(param: ParamPairs = None, params: ParamsJson = None) -> int:
     from flows import stack
     from flows.params import parse_params
 
-    overrides = pipeline_overrides(params, param)
-    parse_params(overrides)  # refuse bad parameters before starting anything
+    parse_params(pipeline_overrides(params, param))  # refuse bad parameters before starting anything
     state = stack.up(say=output.say)
+    overrides = _with_stack_repository(pipeline_overrides(params, param))
     command = [
         str(Path(sys.executable).parent / "prefect"),
         "deployment",
@@ -139,13 +224,28 @@ def demo(param: ParamPairs = None, params: ParamsJson = None) -> int:
     return 0
 
 
+def _with_stack_repository(overrides: dict) -> dict:
+    """The run deploys where the stack's Triton reads, unless told otherwise (it differs from the default when
+    `tes up --repository` named S3 or another folder)."""
+    from flows import stack
+
+    served = stack.repository()
+    if "repository" in overrides or not served or served == str(paths.resolve("model_repository")):
+        return overrides
+    return {**overrides, "repository": served}
+
+
 def _print_stack(state: dict) -> None:
-    triton_state, host = state["triton"], state["triton"]["host"]
+    from flows import stack
+
     output.say(f"Prefect API  {state['prefect']['api_url']}   (UI {state['prefect']['ui']})")
-    output.say(
-        f"Triton       HTTP {host}:{triton_state['http_port']}   gRPC {host}:{triton_state['grpc_port']}"
-        f"   metrics {host}:{triton_state['metrics_port']}"
-    )
+    for name, server in _replica_names(state).items():
+        host = server["host"]
+        output.say(
+            f"{'Triton' if name == 'triton' else name:<12} HTTP {host}:{server['http_port']}   gRPC "
+            f"{host}:{server['grpc_port']}   metrics {host}:{server['metrics_port']}"
+        )
+    output.say(f"Repository   {stack.repository()}")
     output.say(f"Logs         {paths.state_dir()}")
     output.say('Stop it all with `tes down`; point the prefect CLI at it with `eval "$(tes env)"`.')
 
@@ -156,7 +256,8 @@ def _print_demo_summary(state: dict) -> None:
 
     run_summary = rundata.summary()
     model, version = rundata.deployed_model(run_summary)
-    host, http_port = state["triton"]["host"], state["triton"]["http_port"]
+    first = state.get("replicas", [state["triton"]])[0]
+    host, http_port = first["host"], first["http_port"]
     recipe = recipe_of_model(model)
     tes, run_dir = str(Path(sys.executable).parent / "tes"), rundata.run_folder(run_summary)
     output.say(f"\nRun outputs : {run_dir}\nReport      : {run_dir}/report.md")

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,82 +16,17 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server", reason="moto[server] provides the S3 store these tests run against")
 
-import boto3  # noqa: E402
-
 from core.errors import ChecksumError, ConfigError, RepositoryError, ServerError  # noqa: E402
 from core.runtimes import open_session  # noqa: E402
 from serving import client, repository, s3_repository, triton  # noqa: E402
 from serving.repository import ServingConfig  # noqa: E402
 from serving.s3_repository import S3Location  # noqa: E402
 from tests.conftest import TINY_DIGITS  # noqa: E402
+from tests.integration import s3_store  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-BUCKET = "models"
-ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {process.returncode}:\n{triton.log_tail(log_path)}")
-        if not triton.port_is_free(port):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"moto_server did not listen on {port} within {timeout_s:.0f} s")
-
-
-def _enable_authentication(endpoint: str) -> dict[str, str]:
-    """An IAM user allowed s3:*, the bucket, then every later request must be signed with that user's key."""
-    anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1"}
-    anonymous |= {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
-    iam = boto3.client("iam", **anonymous)
-    iam.create_user(UserName="tes")
-    iam.put_user_policy(UserName="tes", PolicyName="s3-all", PolicyDocument=json.dumps(ADMIN_POLICY))
-    key = iam.create_access_key(UserName="tes")["AccessKey"]
-    boto3.client("s3", **anonymous).create_bucket(Bucket=BUCKET)
-    request = urllib.request.Request(
-        f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
-    )
-    urllib.request.urlopen(request, timeout=10).read()
-    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server on a free loopback port, credentials in the environment (boto3's chain), stopped after."""
-    folder, port = tmp_path_factory.mktemp("moto"), triton.free_port()
-    log_path = folder / "moto.log"
-    command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_port(port, process, log_path)
-        endpoint = f"http://127.0.0.1:{port}"
-        credentials = _enable_authentication(endpoint)
-        with pytest.MonkeyPatch.context() as env:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-                env.delenv(name, raising=False)
-            env.setenv("AWS_CONFIG_FILE", str(folder / "no-config"))  # no ~/.aws of whoever runs the tests
-            env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(folder / "no-credentials"))
-            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            for name, value in credentials.items():
-                env.setenv(name, value)
-            admin = boto3.client("s3", endpoint_url=endpoint)
-            yield SimpleNamespace(endpoint=endpoint, admin=admin, location=lambda prefix: _location(endpoint, prefix))
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _location(endpoint: str, prefix: str) -> S3Location:
-    return S3Location.parse(f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint)
+BUCKET = s3_store.BUCKET
 
 
 def _keys(admin, prefix: str = "") -> set[str]:
@@ -117,47 +49,13 @@ def tiny(tmp_path_factory):
     return SimpleNamespace(version_dir=written.path, batch=batch, expected=expected)
 
 
-def _start_triton(repository_url: str, work_dir: Path, env: dict[str, str]) -> triton.TritonProcess:
-    """`triton.start` with an s3:// repository URL: it takes only a local folder today (it resolves and creates
-    it), so this is its body with the URL passed through and the AWS_* variables added to the server's env."""
-    dist, _ = triton._pytriton_paths()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    ports = {kind: triton.free_port() for kind in ("http", "grpc", "metrics")}
-    log_path = work_dir / f"tritonserver-{ports['http']}.log"
-    command = [
-        str(dist / "bin" / "tritonserver"),
-        f"--model-repository={repository_url}",
-        *triton._server_args("127.0.0.1", ports, triton.prepare_backends(work_dir / "backends")),
-    ]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**triton.server_env(), **env},
-            start_new_session=True,
-        )
-    server = triton.TritonProcess(
-        process.pid, ports["http"], ports["grpc"], ports["metrics"], repository_url, str(log_path)
-    )
-    try:
-        triton._wait_ready(server, process, triton.READY_TIMEOUT_S)
-    except BaseException:
-        triton.stop(process.pid)
-        raise
-    return server
-
-
 @pytest.fixture(scope="module")
 def served(s3, tmp_path_factory):
     """A real Triton whose model repository is `s3://127.0.0.1:PORT/models/repo`; (server, location)."""
     location, work_dir = s3.location("repo"), tmp_path_factory.mktemp("triton-s3")
-    mount = work_dir / "mount"  # where Triton copies a model folder from S3 before loading it
-    mount.mkdir()
-    env = s3_repository.server_environment(location) | {"TRITON_AWS_MOUNT_DIRECTORY": str(mount)}
     s3_repository.ensure_repository(location)
-    server = _start_triton(location.triton_url(), work_dir, env)
+    server = triton.start(location.triton_url(), work_dir, env=s3_repository.server_environment(location))
+    assert server.repository == location.triton_url()  # as written: Path() would fold its '//'
     try:
         yield server, location
     finally:

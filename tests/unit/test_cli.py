@@ -37,7 +37,15 @@ TINY_RUN = {
 }
 
 OPTIONS = {  # every command and the options README.md documents (or the old argparse CLI had)
-    "up": ["--prefect-port", "--http-port", "--grpc-port", "--metrics-port"],
+    "up": [
+        "--prefect-port",
+        "--http-port",
+        "--grpc-port",
+        "--metrics-port",
+        "--replicas",
+        "--repository",
+        "--s3-endpoint",
+    ],
     "down": [],
     "status": [],
     "env": [],
@@ -246,6 +254,10 @@ MISTAKES = [  # none needs a run or a deployed model
     (["run", "--params", "{bad"], "'--params': not JSON"),
     (["run", "--params", "[1, 2]"], "expected a JSON object"),
     (["up", "--http-port", "0"], "--http-port"),
+    (["up", "--replicas", "0"], "--replicas"),
+    (["up", "--s3-endpoint", "http://127.0.0.1:9000"], "only for an s3:// repository"),
+    (["up", "--repository", "s3://Models/repo"], "bucket 'Models'"),
+    (["run", "--param", "repository=s3://models//repo"], "repository: path segment ''"),
     (["infer", "digits-cnn", "--protocol", "ftp"], "'ftp' is not one of 'http', 'grpc'"),
     (["infer", "digits-cnn", "--text", "x", "--sample", "1"], "cannot go together"),
     (["infer", "digits-cnn", "--sample", "-1"], "--sample"),
@@ -262,6 +274,7 @@ MISTAKES = [  # none needs a run or a deployed model
     (["bench", "digits-cnn", "--protocol", "ftp"], "'ftp' is not one of"),
     (["bench", "digits-cnn", "--p99-budget-ms", "0"], "p99_budget_ms"),
     (["bench", "digits-cnn", "--grpc-url", "host"], "'--grpc-url': expected host:port"),
+    (["bench", "digits-cnn", "--url", "a:1", "--url", "b:1", "--grpc-url", "a:2"], "give one per --url"),
     (["report", "/no/such/run"], "run folder /no/such/run does not exist"),
     (["variants", "/no/such/run"], "does not exist"),
     (["ledger", "/no/such/run"], "does not exist"),

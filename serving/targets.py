@@ -1,0 +1,178 @@
+"""Where versions are written and read: the local repository folder or an S3 repository, behind the same calls, so
+the deploy stage, the benchmark and the stack need not care which.
+
+    target = open_target("model_repository")                      # a folder, relative to the project home
+    target = open_target("s3://models/repo")                       # endpoint: AWS_ENDPOINT_URL, else AWS
+    written = target.write_version("digits-fp32", "model.onnx", ServingConfig())
+    target.url                                                     # what tritonserver --model-repository= takes
+
+An S3 version is built with the local writer in a temporary folder, then published with
+`s3_repository.publish_version` (claim, upload, read back, manifest last, config names the version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from core import paths
+from serving import client, repository, s3_repository
+from serving.repository import ServingConfig, VersionResult
+from serving.s3_repository import S3Location
+from serving.triton import is_s3_url
+
+
+@dataclass(frozen=True)
+class Written:
+    model: str
+    version: int
+    path: str  # a folder, or s3://bucket/prefix/<model>/<version>
+    reused: bool  # the newest version already held exactly these files and this config
+
+
+class LocalTarget:
+    """A repository folder on this machine (Triton and the writer share it)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = paths.resolve(folder)
+        self.url = str(self.folder)
+
+    def write_version(
+        self,
+        name: str,
+        model_file: str | Path,
+        config: ServingConfig,
+        provenance: dict | None = None,
+        companions: Iterable[str | Path] = (),
+        interface: str | Path | None = None,
+    ) -> Written:
+        written = repository.write_version(self.folder, name, model_file, config, provenance, companions, interface)
+        repository.verify_version(written.path)
+        return _written(written)
+
+    def write_alias(self, alias: str, target: str, provenance: dict | None = None) -> Written:
+        return _written(repository.write_alias(self.folder, alias, target, provenance))
+
+    def verify(self, model: str, version: int) -> None:
+        repository.verify_version(repository.model_dir(self.folder, model) / str(version))
+
+    def model_names(self) -> list[str]:
+        """Models with a config and a version: what a freshly started Triton can load."""
+        folders = sorted(self.folder.iterdir()) if self.folder.is_dir() else []
+        return [f.name for f in folders if (f / "config.pbtxt").is_file() and repository.versions(f)]
+
+    @contextlib.contextmanager
+    def served_copy(self, model: str) -> Iterator[tuple[dict, Path]]:
+        """(provenance, version folder) of the newest version behind `model` (an alias is followed)."""
+        yield repository.newest_provenance(self.folder, model)
+
+    def remove_model(self, model: str) -> None:
+        shutil.rmtree(repository.model_dir(self.folder, model), ignore_errors=True)
+
+    def load(self, url: str, model: str, admin_key: str | None = None) -> str:
+        return client.load_model(url, model, admin_key=admin_key)
+
+    def same_as(self, served: str) -> bool:
+        return not is_s3_url(served) and Path(served).resolve() == self.folder.resolve()
+
+
+class S3Target:
+    """An S3 repository (AWS S3, MinIO, moto...): Triton reads it by `url`; boto3 writes it."""
+
+    def __init__(self, location: S3Location):
+        self.location = location
+        self.url = location.triton_url()
+
+    def write_version(
+        self,
+        name: str,
+        model_file: str | Path,
+        config: ServingConfig,
+        provenance: dict | None = None,
+        companions: Iterable[str | Path] = (),
+        interface: str | Path | None = None,
+    ) -> Written:
+        with tempfile.TemporaryDirectory(prefix="tes-s3-version-") as folder:
+            local = repository.write_version(folder, name, model_file, config, provenance, companions, interface)
+            same = self._served_if_identical(local)
+            if same is not None:
+                return same
+            version = s3_repository.publish_version(self.location, name, local.path)
+        return Written(name, version, self._path(name, version), reused=False)
+
+    def write_alias(self, alias: str, target: str, provenance: dict | None = None) -> Written:
+        served = s3_repository.served_version(self.location, alias)
+        if served is not None and _alias_target(s3_repository.read_config(self.location, alias)) == target:
+            return Written(alias, served, self._path(alias, served), reused=True)
+        version = s3_repository.write_alias(self.location, alias, target, provenance)
+        return Written(alias, version, self._path(alias, version), reused=False)
+
+    def verify(self, model: str, version: int) -> None:
+        s3_repository.verify_version(self.location, model, version)
+
+    def model_names(self) -> list[str]:
+        return s3_repository.list_models(self.location)
+
+    @contextlib.contextmanager
+    def served_copy(self, model: str) -> Iterator[tuple[dict, Path]]:
+        """(provenance, a local copy of the served version behind `model`), the copy removed afterwards."""
+        behind = _alias_target(s3_repository.read_config(self.location, model)) or model
+        with tempfile.TemporaryDirectory(prefix="tes-s3-copy-") as folder:
+            version_dir = s3_repository.fetch_version(self.location, behind, folder)
+            manifest = s3_repository.read_manifest(self.location, behind, int(version_dir.name))
+            yield manifest.get("provenance", {}), version_dir
+
+    def remove_model(self, model: str) -> None:
+        s3_repository.delete_model(self.location, model)
+
+    def load(self, url: str, model: str, admin_key: str | None = None) -> str:
+        """Re-read the served version against its manifest, then load it (a changed file is never loaded)."""
+        return s3_repository.load_verified(self.location, model, url, admin_key)
+
+    def same_as(self, served: str) -> bool:
+        try:
+            return is_s3_url(served) and S3Location.parse(served) == self.location
+        except Exception:  # a URL Triton was started with that our parser refuses: not ours
+            return False
+
+    def _path(self, model: str, version: int) -> str:
+        return f"s3://{self.location.bucket}/{self.location.key(model, version)}"
+
+    def _served_if_identical(self, local: VersionResult) -> Written | None:
+        """The served version when it holds exactly the files and config just built (nothing to publish)."""
+        served = s3_repository.served_version(self.location, local.model_name)
+        if served is None:
+            return None
+        if s3_repository.read_manifest(self.location, local.model_name, served).get("files") != local.files:
+            return None
+        mine = repository.parse_config(local.config_path.read_text(encoding="utf-8"))
+        theirs = s3_repository.read_config(self.location, local.model_name)
+        mine.version_policy.Clear()
+        theirs.version_policy.Clear()
+        if mine != theirs:
+            return None
+        return Written(local.model_name, served, self._path(local.model_name, served), reused=True)
+
+
+Target = LocalTarget | S3Target
+
+
+def open_target(repository_path: str | Path) -> Target:
+    """An `s3://` URL (`s3://bucket/prefix`, or Triton's `s3://host:port/bucket/prefix`) or a folder (relative to
+    the project home)."""
+    if is_s3_url(repository_path):
+        return S3Target(S3Location.parse(str(repository_path)))
+    return LocalTarget(repository_path)
+
+
+def _written(version: VersionResult) -> Written:
+    return Written(version.model_name, version.version, str(version.path), version.reused)
+
+
+def _alias_target(config) -> str | None:
+    steps = config.ensemble_scheduling.step if config.platform == "ensemble" else []
+    return steps[0].model_name if len(steps) == 1 else None
