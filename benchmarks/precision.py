@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/precision.py                     # demo size; trains it first (~2.5 min)
     .venv/bin/python benchmarks/precision.py --weights runs/<run>/train/model.pt   # reuse a demo run's weights
-    .venv/bin/python benchmarks/precision.py --size 10m          # 6 layers x 384, context 256 (~10.8 M parameters)
+    .venv/bin/python benchmarks/precision.py --size 10m --steps 100 --samples 512   # 6 x 384, context 256 (10.8 M)
 
 stdlib-gpt, batch 8. The pipeline's precision stage builds, scores and gates every variant (with its runtime
 settings searched, as in a run); then, in one process, round-robin, three repetitions of interleaved blocks:
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per runner and repetition")
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=2048, help="validation windows scored per runtime")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -105,11 +106,10 @@ def main() -> None:
     onnx_path = export_onnx(recipe, model, work, ExportConfig()).output.onnx
     # the pipeline's own stage (accuracy gate at the same 0.5% as the peers, retries, settings search); no speed
     # gate, so every variant is timed
-    reports = build_and_score(
-        recipe, onnx_path, work / "variants", PrecisionConfig(min_speedup=0, accuracy_budget=PEER_ACCURACY), weights
-    )
+    config = PrecisionConfig(min_speedup=0, accuracy_budget=PEER_ACCURACY, score_samples=args.samples)
+    reports = build_and_score(recipe, onnx_path, work / "variants", config, weights)
 
-    batches = list(recipe.eval_batches(32, 2048))
+    batches = list(recipe.eval_batches(32, args.samples))
     inputs = recipe.example_inputs(args.batch)
     tokens = torch.from_numpy(inputs["tokens"])
     compiled = torch.compile(model)

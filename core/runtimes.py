@@ -9,6 +9,7 @@ the served model's config records, so serving runs with what won.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 from pydantic import BaseModel, ConfigDict
 
 from core.errors import VariantSkipped
@@ -55,19 +57,26 @@ def settings_candidates(runtime: Runtime, precision: str | None) -> list[tuple[s
 
     OpenVINO: f32 and bf16 float layers where the CPU has bf16 kernels (bf16 is not always faster: on a CPU with
     AVX512_BF16 but no AMX it was slower and less accurate than f32), and the throughput hint. ONNX Runtime: with
-    and without spin-waiting, and the extended optimisation level (fewer fusions, sometimes faster). A variant whose
-    precision is its point (openvino-bf16) keeps it."""
+    and without spin-waiting, and the extended optimisation level (fewer fusions, sometimes faster). Every runtime:
+    one thread per logical CPU where there are more logical CPUs than cores (the runtimes default to one per core).
+    A variant whose precision is its point (openvino-bf16) keeps it."""
     default = RuntimeSettings()
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    smt = [RuntimeSettings(threads=logical)] if logical > (psutil.cpu_count(logical=False) or logical) else []
     if runtime == "openvino":
         precisions = [precision] if precision == "bf16" else ["f32"] + (["bf16"] if openvino_has_bf16() else [])
-        return [(p, default) for p in precisions] + [(precisions[0], RuntimeSettings(performance_hint="THROUGHPUT"))]
+        first = precisions[0]
+        return [(p, default) for p in precisions] + [
+            (first, settings) for settings in (RuntimeSettings(performance_hint="THROUGHPUT"), *smt)
+        ]
     if runtime == "onnxruntime":
         return [
             (precision, default),
             (precision, RuntimeSettings(spinning=False)),
             (precision, RuntimeSettings(graph_optimization="extended")),
+            *((precision, settings) for settings in smt),
         ]
-    return [(precision, default)]
+    return [(precision, default), *((precision, settings) for settings in smt)]
 
 
 class OpenVinoSession:

@@ -19,11 +19,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import ExportError, VerificationError
-from core.files import atomic_write
+from core.files import atomic_write_with_companions, onnx_data_files
 from core.results import ONNX_FILE, Artifact, StageOutput, StageResult, Status, timed
 from core.runtimes import open_session
 from recipes import Recipe
-from recipes.evaluation import evaluate, load_trained, session_predictor
+from recipes.evaluation import evaluate, reference_model, session_predictor
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class Tolerance(BaseModel):
 
     atol: float = Field(1e-4, ge=0)
     rtol: float = Field(1e-3, ge=0)
+
+
+EXTERNAL_DATA_THRESHOLD_BYTES = 1536 * 2**20  # torch's exporter's own threshold: one protobuf file caps at 2 GB
 
 
 class ExportConfig(BaseModel):
@@ -45,6 +48,12 @@ class ExportConfig(BaseModel):
     )
     verify_batch_sizes: tuple[int, ...] = Field((1, 7), min_length=1)
     verify_samples: int = Field(32, ge=1, description="held-out samples compared per shape")
+    external_data_threshold_bytes: int = Field(
+        EXTERNAL_DATA_THRESHOLD_BYTES,
+        ge=0,
+        description="initializers larger than this in all are saved as external data, one `<name>.onnx.data` file "
+        "beside the graph (protobuf caps one file at 2 GB; torch's exporter externalizes past 1.5 GiB itself)",
+    )
 
 
 class Verification(StageOutput):
@@ -60,6 +69,7 @@ class ExportOutput(StageOutput):
     onnx_version: str
     onnxruntime: str
     validation_onnxruntime: dict[str, float] = {}  # the recipe's metric on the ONNX file, when the stage scored it
+    adopted_from: str | None = None  # the user's ONNX file, when nothing was exported (`onnx:` sources)
 
 
 def _axis_groups(recipe: Recipe) -> dict[tuple[int, tuple[int, int, int]], list[str]]:
@@ -89,11 +99,14 @@ def _dynamic_shapes(recipe: Recipe) -> tuple[dict[int, torch.export.Dim], ...]:
 
 
 def export_stage(
-    recipe: Recipe, weights: str | Path, out_dir: str | Path, config: ExportConfig, eval_samples: int
+    recipe: Recipe, weights: str | Path | None, out_dir: str | Path, config: ExportConfig, eval_samples: int
 ) -> StageResult[ExportOutput]:
-    """The pipeline's export stage: the trained weights exported and verified, then the recipe's metric on the
-    ONNX file over `eval_samples` held-out samples (to compare with training's own validation)."""
-    result = export_onnx(recipe, load_trained(recipe, weights), out_dir, config)
+    """The pipeline's export stage: the trained weights (or, for a model the user brought, the model as it came)
+    exported and verified, then the recipe's metric on the ONNX file over `eval_samples` held-out samples."""
+    model = reference_model(recipe, weights)
+    if model is None:
+        raise ExportError(f"recipe '{recipe.name}' has no torch model to export and no trained weights were given")
+    result = export_onnx(recipe, model, out_dir, config)
     session = open_session(result.output.onnx)
     validation = evaluate(recipe, session_predictor(session, recipe), eval_samples)
     return result.model_copy(update={"output": result.output.model_copy(update={"validation_onnxruntime": validation})})
@@ -129,14 +142,16 @@ def export_onnx(
             raise ExportError(
                 f"torch.onnx.export failed for recipe '{recipe.name}' at opset {config.opset}: {error}"
             ) from error
-        atomic_write(out_path, lambda tmp: program.save(str(tmp)))
-        onnx_model = onnx.load(str(out_path))
+        _save(program, out_path, config.external_data_threshold_bytes)
+        del program
+        _release_rewriter_matches()
         try:
-            onnx.checker.check_model(onnx_model, full_check=True)
+            onnx.checker.check_model(str(out_path), full_check=True)  # a path: the checker reads external data itself
         except onnx.checker.ValidationError as error:
-            out_path.unlink(missing_ok=True)
+            for path in (*onnx_data_files(out_path), out_path):
+                path.unlink(missing_ok=True)
             raise ExportError(f"onnx.checker rejected the exported graph of '{recipe.name}': {error}") from error
-        check_interface(recipe, onnx_model)
+        check_interface(recipe, onnx.load(str(out_path), load_external_data=False))
         report = verify_onnx(recipe, model, out_path, config)
     output = ExportOutput(
         onnx=str(out_path),
@@ -146,9 +161,32 @@ def export_onnx(
         onnx_version=onnx.__version__,
         onnxruntime=ort.__version__,
     )
-    return StageResult(
-        stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=(Artifact.of(out_path),), output=output
-    )
+    artifacts = tuple(map(Artifact.of, (out_path, *onnx_data_files(out_path))))
+    return StageResult(stage="export", status=Status.OK, seconds=clock["seconds"], artifacts=artifacts, output=output)
+
+
+def _release_rewriter_matches() -> None:
+    """onnxscript's pattern matchers (module-level rewrite rules the exporter's optimizer runs) keep the last node
+    they looked at, and through it the exported graph, which wraps the torch model's parameters: without this, the
+    weights outlive the export and the model (4 GB at 1 B parameters). Resetting them is what their next match does.
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript: nothing known to release
+        return
+    for matcher in [obj for obj in gc.get_objects() if isinstance(obj, SimplePatternMatcher)]:
+        matcher._init_match(0)  # the last node and match
+        matcher._graph = None  # set again when it next matches
+
+
+def _save(program: torch.onnx.ONNXProgram, out_path: Path, threshold_bytes: int) -> None:
+    """The graph, with its initializers in `<name>.onnx.data` beside it when they pass `threshold_bytes`; the data
+    file (named inside the graph) lands first, the graph last."""
+    initializers = program.model.graph.initializers.values()
+    external = sum(v.const_value.nbytes for v in initializers if v.const_value is not None) > threshold_bytes
+    atomic_write_with_companions(out_path, lambda tmp: program.save(str(tmp), external_data=external))
 
 
 def check_interface(recipe: Recipe, onnx_model: onnx.ModelProto) -> None:

@@ -5,6 +5,7 @@ is within the budget.
 
 The result is OpenVINO IR: `<name>.xml` (the graph) beside `<name>.bin` (the weights). Both are written into a
 scratch folder and renamed into place, the weights first, so an `.xml` never names a half-written `.bin`.
+An FP32 ONNX model with external data is read by OpenVINO itself (the data resolves beside the graph).
 NNCF's ONNX backend is not used: with onnx 1.22 on Python 3.11 it fails at import (a type annotation
 `TensorProto.DataType | np.dtype` that Python evaluates).
 """
@@ -26,12 +27,6 @@ from core.errors import VariantSkipped
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["auto", "transformer", "default"]
-
-
-def companion_files(model_path: str | Path) -> list[Path]:
-    """The files a model file needs beside it: an OpenVINO IR's `.bin`."""
-    model_path = Path(model_path)
-    return [model_path.with_suffix(".bin")] if model_path.suffix == ".xml" else []
 
 
 def model_type_of(fp32_path: Path, kind: ModelKind):

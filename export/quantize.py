@@ -3,6 +3,9 @@
 Each builder writes one ONNX file atomically and returns its path; a variant that cannot be built here raises
 `VariantSkipped` with the reason. `qdq_drift` ranks the nodes of a QDQ model whose activations drift most from
 FP32, using ONNX Runtime's QDQ debugging utilities, so they can be excluded from quantization.
+
+An FP32 model with external data (past 2 GB, or forced by the export's threshold) gives variants with external data
+too: one `<variant>.onnx.data` beside each graph, written before it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import ExportError, VariantSkipped
-from core.files import atomic_write
+from core.files import atomic_write_with_companions, onnx_data_files
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +79,46 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+def has_external_data(onnx_path: Path) -> bool:
+    return bool(onnx_data_files(onnx_path))
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """`model` to `path`; with `external`, its tensors in one `<name>.onnx.data` beside it (past 2 GB a protobuf
+    cannot hold them). Saving externally empties `model`'s tensors: it is for a model about to be dropped."""
+    if external:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
 def preprocess(fp32_path: Path, out_dir: Path) -> Path:
-    """ONNX Runtime's recommended pre-processing before static quantization (shape inference, graph optimizations)."""
+    """ONNX Runtime's recommended pre-processing before static quantization (shape inference, graph optimizations).
+    With external data, symbolic shape inference is left out: it holds a second copy of every weight in memory, and
+    the exported graph's shapes come from torch.export already (ONNX's shape inference still runs)."""
     target = out_dir / "preprocessed.onnx"
     if not target.exists():
-        atomic_write(target, lambda tmp: quant_pre_process(str(fp32_path), str(tmp), skip_symbolic_shape=False))
+        external = has_external_data(fp32_path)
+        atomic_write_with_companions(
+            target,
+            lambda tmp: quant_pre_process(
+                str(fp32_path),
+                str(tmp),
+                skip_symbolic_shape=external,
+                save_as_external_data=external,
+                all_tensors_to_one_file=True,
+                external_data_location=f"{target.name}.data",
+            ),
+        )
     return target
 
 
 def build_int8_dynamic(fp32_path: Path, out_dir: Path, per_channel: bool = False, exclude: Iterable[str] = ()) -> Path:
     target = out_dir / "int8-dynamic.onnx"
     with _quiet_root_logger():
-        atomic_write(
+        atomic_write_with_companions(
             target,
             lambda tmp: quantize_dynamic(
                 str(fp32_path),
@@ -95,6 +126,7 @@ def build_int8_dynamic(fp32_path: Path, out_dir: Path, per_channel: bool = False
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
                 nodes_to_exclude=list(exclude),
+                use_external_data_format=has_external_data(fp32_path),  # as `<its output's name>.data`
             ),
         )
     return target
@@ -126,14 +158,18 @@ def quantized_nodes(
 def activation_ranges(
     model_path: Path, tensors: Iterable[str], calibration: list[dict[str, np.ndarray]]
 ) -> dict[str, tuple[float, float]]:
-    """(lowest, highest) of each float tensor over the calibration batches, from the float model."""
+    """(lowest, highest) of each float tensor over the calibration batches, from the float model (its graph with
+    those tensors as outputs, saved beside it so that its external data, if any, resolves; the weights are read
+    once, by ONNX Runtime)."""
     model = onnx.load(str(model_path), load_external_data=False)
     present = {output.name for output in model.graph.output}
     wanted = list(dict.fromkeys(tensors))
     model.graph.output.extend(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted if name not in present
     )
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with tempfile.NamedTemporaryFile(prefix=".ranges-", suffix=".onnx", dir=Path(model_path).parent) as graph_file:
+        onnx.save_model(model, graph_file.name)
+        session = ort.InferenceSession(graph_file.name, providers=["CPUExecutionProvider"])
     ranges: dict[str, tuple[float, float]] = {}
     for batch in calibration:
         for name, value in zip(wanted, session.run(wanted, batch)):
@@ -199,13 +235,14 @@ def build_int8_static(
         overrides = activation_overrides(preprocessed, nodes, calibration)
         if overrides:
             extra["TensorQuantOverrides"] = overrides
-    with _quiet_root_logger():
-        atomic_write(
+    with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix=f".{name}-calibration-", dir=out_dir) as scratch:
+        ranges = calibrate(preprocessed, calibration, method, op_types, Path(scratch))
+        atomic_write_with_companions(
             target,
             lambda tmp: quantize_static(
                 str(preprocessed),
                 str(tmp),
-                _Batches(calibration),
+                None,  # the ranges come from `calibration_cache_path`
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
@@ -216,9 +253,39 @@ def build_int8_static(
                 calibration_providers=["CPUExecutionProvider"],
                 op_types_to_quantize=list(op_types) if op_types else None,
                 extra_options=extra,
+                use_external_data_format=has_external_data(preprocessed),  # as `<its output's name>.data`
+                calibration_cache_path=str(ranges),
             ),
         )
     return target
+
+
+def calibrate(
+    model_path: Path,
+    calibration: list[dict[str, np.ndarray]],
+    method: str,
+    op_types: Iterable[str] | None,
+    scratch: Path,
+) -> Path:
+    """The activation ranges `quantize_static` would compute, as ONNX Runtime's calibration cache (`ranges.json` in
+    `scratch`), with the same calibrator and the same tensors. A step of its own for memory: calibrating inside
+    `quantize_static` holds the weights three times at once (its own model, the calibrator's, the calibration
+    session); here the calibrator's copy and session are freed before the quantizer loads the model."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    calibrator = create_calibrator(
+        model_path,
+        list(op_types) if op_types else list(set(QLinearOpsRegistry) | set(QDQRegistry)),  # quantize_static's default
+        augmented_model_path=str(scratch / "augmented.onnx"),
+        calibrate_method=CALIBRATION_METHODS[method],
+        use_external_data_format=has_external_data(model_path),
+        providers=["CPUExecutionProvider"],
+    )
+    calibrator.collect_data(_Batches(calibration))
+    ranges = scratch / "ranges.json"
+    save_tensors_data(calibrator.compute_data(), ranges)
+    return ranges
 
 
 def build_fp16(fp32_path: Path, out_dir: Path) -> Path:
@@ -226,8 +293,10 @@ def build_fp16(fp32_path: Path, out_dir: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     target = out_dir / "fp16.onnx"
-    converted = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    atomic_write(target, lambda tmp: onnx.save(converted, str(tmp)))
+    # a path, not a ModelProto: its shape inference then runs on the file, which works past 2 GB
+    converted = convert_float_to_float16(str(fp32_path), keep_io_types=True)
+    external = has_external_data(fp32_path)
+    atomic_write_with_companions(target, lambda tmp: save_onnx(converted, tmp, external))
     return target
 
 
@@ -254,8 +323,12 @@ def qdq_drift(
     float_model = preprocess(fp32_path, out_dir)
     with tempfile.TemporaryDirectory() as scratch, _quiet_root_logger():
         float_aug, qdq_aug = Path(scratch) / "float.onnx", Path(scratch) / "qdq.onnx"
-        modify_model_output_intermediate_tensors(str(float_model), str(float_aug))
-        modify_model_output_intermediate_tensors(str(qdq_path), str(qdq_aug))
+        modify_model_output_intermediate_tensors(
+            str(float_model), str(float_aug), save_as_external_data=has_external_data(float_model)
+        )
+        modify_model_output_intermediate_tensors(
+            str(qdq_path), str(qdq_aug), save_as_external_data=has_external_data(qdq_path)
+        )
         float_acts = collect_activations(str(float_aug), _Batches(calibration))
         qdq_acts = collect_activations(str(qdq_aug), _Batches(calibration))
     errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))

@@ -22,7 +22,7 @@ import torch
 from core.errors import VariantSkipped
 from export.onnx_export import _dynamic_shapes
 from recipes import Recipe
-from recipes.evaluation import load_trained
+from recipes.evaluation import reference_model
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ def build_torch_variant(recipe: Recipe, weights: str | Path | None, out_dir: Pat
     """`<out_dir>/<name>.pt2`, written atomically."""
     if name not in TORCH_VARIANTS:
         raise ValueError(f"unknown torch variant {name!r}: expected one of {TORCH_VARIANTS}")
-    if weights is None:
-        raise VariantSkipped("there is no trained torch model to compile (this run has only an ONNX file)")
-    model = load_trained(recipe, weights).eval()
+    model = reference_model(recipe, weights)
+    if model is None:
+        raise VariantSkipped("there is no torch model to compile (this run has only an ONNX file)")
     if name == "torchao-int8":
         model = _torchao_int8(model)
     example = recipe.example_inputs(2)

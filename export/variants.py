@@ -11,6 +11,8 @@ Each variant is scored on the recipe's validation split with the recipe's own me
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 import statistics
 import time
@@ -21,7 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.files import atomic_write_json
+from core.files import atomic_write_json, model_companions
 from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
 from core.runtimes import RuntimeSettings, measure_speed, open_session, runtime_of, settings_candidates
 from core.stats import percentile_ci
@@ -76,6 +78,13 @@ class PrecisionConfig(BaseModel):
     nncf_accuracy_control: bool = Field(
         True, description="when NNCF's plain INT8 fails the accuracy gate, retry with its accuracy control"
     )
+    build_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="variants built at once (threads; in a flow run, Prefect tasks); speed is "
+        "measured after every build, one at a time",
+    )
     tune_settings: bool = Field(
         True,
         description="time each variant with its few runtime settings (f32/bf16 float layers, hints); keep the fastest",
@@ -114,7 +123,7 @@ class VariantReport:
     serves_alias: bool = False
     build_seconds: float = 0.0  # wall time to build, calibrate, retry and score this variant
     build_cpu_seconds: float = 0.0  # CPU time of this process over the same span (for the energy ledger)
-    files: list[str] = field(default_factory=list)  # files the model file needs beside it (an OpenVINO IR's .bin)
+    files: list[str] = field(default_factory=list)  # files the model file needs beside it: IR .bin, ONNX data
     method: str = ""  # how it was made, when a variant has more than one way (NNCF's accuracy control)
     settings: dict[str, Any] = field(default_factory=dict)  # the runtime settings it runs with (RuntimeSettings)
     settings_index: int = 0  # which of its settings candidates won
@@ -142,12 +151,17 @@ class PrecisionOutput(StageOutput):
 
 
 def precision_stage(
-    recipe: Recipe, onnx_path: str | Path, out_dir: str | Path, config: PrecisionConfig, weights: str | Path | None
+    recipe: Recipe,
+    onnx_path: str | Path,
+    out_dir: str | Path,
+    config: PrecisionConfig,
+    weights: str | Path | None,
+    map_builds: BuildMap | None = None,
 ) -> StageResult[PrecisionOutput]:
     """Every precision variant built, scored on validation data and gated against FP32; `variants.json` beside them.
     `weights` (the trained torch model) is what the torch-native candidates compile; None skips them."""
     with timed() as clock:
-        reports = build_and_score(recipe, onnx_path, out_dir, config, weights)
+        reports = build_and_score(recipe, onnx_path, out_dir, config, weights, map_builds=map_builds)
     atomic_write_json(Path(out_dir) / VARIANTS_FILE, [r.to_dict() for r in reports])
     selected = next(r.name for r in reports if r.serves_alias)
     artifacts = tuple(
@@ -302,8 +316,14 @@ def build_and_score(
     config: PrecisionConfig,
     weights: str | Path | None = None,
     measure: Callable[..., dict] = measure_speed,
+    map_builds: BuildMap | None = None,
 ) -> list[VariantReport]:
     """Every configured variant, built, scored and gated; exactly one accepted variant has `serves_alias`.
+
+    FP32 is built first (it is the reference); the others are built and scored by `map_builds(build, names)`, by
+    default `config.build_workers` at a time in threads (the Prefect flow passes one that makes each build a task).
+    Speed is measured only after every build, one session at a time: variants are never timed while they share the
+    cores with a build.
 
     Each variant that passes the accuracy gate is then timed with each of its runtime settings
     (`settings_candidates`: float layers in f32 or bf16, OpenVINO's hint, ONNX Runtime's spinning and graph
@@ -325,16 +345,21 @@ def build_and_score(
         held_out,
     )
     reference = _first_outputs(open_session(fp32_path), [b.inputs for b in batches])
-    reports: list[VariantReport] = []
+    fp32_report, fp32_session = _timed_build(context, "fp32", batches, reference, [])
+
+    def build(name: str) -> VariantReport:
+        return _timed_build(context, name, batches, reference, [fp32_report])[0]
+
+    mapper = map_builds or functools.partial(threaded_builds, workers=config.build_workers)
+    reports = [fp32_report, *mapper(build, list(config.variants[1:]))]
     sessions: dict[tuple[str, int], Any] = {}
     candidates: dict[str, list] = {}
-    for name in config.variants:
-        wall, cpu = time.perf_counter(), time.process_time()
-        report, session = _build_scored(context, name, batches, reference, reports)
-        if session is not None:
-            candidates[name] = _settings_sessions(context, report, session, batches, reference, reports, sessions)
-        report.build_seconds, report.build_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
-        reports.append(report)
+    for report in reports:
+        if report.status == "accepted":
+            session = fp32_session if report is fp32_report else open_session(*_session_args(report))
+            candidates[report.name] = _settings_sessions(
+                context, report, session, batches, reference, reports, sessions
+            )
     speed_inputs = recipe.example_inputs(config.speed_batch_size)
     single = {key: value[:1] for key, value in speed_inputs.items()}
     speeds = measure(sessions, single, speed_inputs, config.speed_repeats)
@@ -353,6 +378,30 @@ def build_and_score(
                 report.status, report.reason = "rejected", reason
     select(reports, config.policy).serves_alias = True
     return reports
+
+
+BuildMap = Callable[[Callable[[str], VariantReport], list[str]], list[VariantReport]]
+
+
+def threaded_builds(build: Callable[[str], VariantReport], names: list[str], workers: int = 1) -> list:
+    """`build` for every name, `workers` at a time (1: one after the other, here), in order."""
+    if workers <= 1:
+        return [build(name) for name in names]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="variant") as pool:
+        return list(pool.map(build, names))
+
+
+def _timed_build(context: _Context, name: str, batches: list, reference: list, reports: list):
+    """`_build_scored` with its wall and CPU time recorded (the CPU time is the whole process's over the span: with
+    builds in parallel, each one's share is approximate)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    report, session = _build_scored(context, name, batches, reference, reports)
+    report.build_seconds, report.build_cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+    return report, session
+
+
+def _session_args(report: VariantReport) -> tuple:
+    return report.path, report.runtime, report.runtime_precision
 
 
 def _settings_sessions(context, report, session, batches, reference, reports, sessions) -> list:
@@ -429,7 +478,7 @@ def _build_scored(context: _Context, name: str, batches: list, reference: list, 
             return report, None
         artifact = Artifact.of(path)
         report.path, report.bytes, report.sha256 = str(path), artifact.bytes, artifact.sha256
-        report.files = [str(p) for p in openvino_quant.companion_files(path)]
+        report.files = [str(p) for p in model_companions(path)]  # an IR's .bin, an ONNX graph's external data
         report.bytes += sum(Path(p).stat().st_size for p in report.files)
         if name == "openvino-nncf" and attempt:
             report.method = "nncf accuracy control"

@@ -7,9 +7,11 @@ wrong type, out of range, or an unknown field is refused before a run is created
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from pathlib import PurePath
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from accounting.ledger import Prices
 from bench.stage import BenchmarkOptions
@@ -21,7 +23,7 @@ from recipes import DigitsCnnOptions, Recipe, StdlibGptOptions, build_recipe, va
 from serving.repository import ServingConfig, check_model_name
 from training.loop import TrainingConfig
 
-RECIPE_PATTERN = r"^(stdlib-gpt|digits-cnn|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+RECIPE_PATTERN = r"^(stdlib-gpt|digits-cnn|(hf|torch|onnx):.+|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
@@ -42,7 +44,12 @@ class ServingParams(BaseModel):
     max_queue_size: int = Field(
         0, ge=0, le=1_000_000, description="refuse requests beyond this many waiting; 0: no limit"
     )
-    instance_count: int = Field(1, ge=1, le=64)
+    instance_count: int = Field(1, ge=1, le=64, description="instances per device (per GPU with instance_kind gpu)")
+    instance_kind: Literal["auto", "cpu", "gpu"] = Field(
+        "cpu",
+        description="where instances run: cpu; gpu (every GPU of the server, TensorRT then CUDA execution providers "
+        "with onnxruntime-gpu; a server without a GPU fails the load); auto (Triton's choice: GPUs when it has some)",
+    )
     intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")
     load: bool = Field(True, description="load the new version into the running Triton (tes up) when there is one")
     triton_url: str | None = Field(
@@ -54,16 +61,49 @@ class ServingParams(BaseModel):
     )
 
 
+class StagePolicy(BaseModel):
+    """How long a stage may run, and how often it is tried again after a failure that may pass."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_s: float = Field(gt=0, le=30 * 86400, description="the stage is stopped and fails after this long")
+    retries: int = Field(0, ge=0, le=10, description="tries after the first, on failures that may pass")
+    retry_delay_s: float = Field(2.0, ge=0, le=3600, description="wait before the first retry; doubles each time")
+
+
+class StagePolicies(BaseModel):
+    """Per stage. A retried train stage resumes from its last checkpoint; deploy and the served check are retried
+    on transient failures (a model load racing a restart, a refused connection); a bad configuration is never
+    retried."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    train: StagePolicy = StagePolicy(timeout_s=7 * 86400, retries=1)
+    export: StagePolicy = StagePolicy(timeout_s=6 * 3600)
+    precision: StagePolicy = StagePolicy(timeout_s=12 * 3600)
+    tensorrt: StagePolicy = StagePolicy(timeout_s=12 * 3600)
+    deploy: StagePolicy = StagePolicy(timeout_s=3600, retries=2)
+    served_check: StagePolicy = StagePolicy(timeout_s=1800, retries=2)
+    benchmark: StagePolicy = StagePolicy(timeout_s=6 * 3600)
+
+
 class PipelineParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    recipe: str = Field("stdlib-gpt", pattern=RECIPE_PATTERN, description="built-in recipe or package.module:attribute")
+    recipe: str = Field(
+        "stdlib-gpt",
+        pattern=RECIPE_PATTERN,
+        description="built-in recipe, package.module:attribute, or a model you bring: hf:<dir or hub id>, "
+        "torch:<module>:<factory>, onnx:<path> (their options go in recipe_options)",
+    )
     model_name: str | None = Field(
         None, pattern=MODEL_NAME_PATTERN, description="Triton model name; None: the recipe's name"
     )
     stdlib_gpt: StdlibGptOptions = StdlibGptOptions()
     digits_cnn: DigitsCnnOptions = DigitsCnnOptions()
-    recipe_options: dict[str, Any] = Field(default_factory=dict, description="options of a user's own recipe")
+    recipe_options: dict[str, Any] = Field(
+        default_factory=dict, description="options of a user's own recipe or model source (task, weights, samples...)"
+    )
     training: TrainingConfig = TrainingConfig()
     export: ExportConfig = ExportConfig()
     precision: PrecisionConfig = PrecisionConfig()
@@ -71,8 +111,28 @@ class PipelineParams(BaseModel):
     serving: ServingParams = ServingParams()
     benchmark: BenchmarkOptions = BenchmarkOptions()
     prices: Prices = Prices()
+    stages: StagePolicies = StagePolicies()
     runs_dir: str = Field("runs", min_length=1, description="where run folders go (relative to the project home)")
-    repository: str = Field("model_repository", min_length=1, description="the Triton model repository folder")
+    repository: str = Field(
+        "model_repository",
+        min_length=1,
+        description="the Triton model repository: a folder (relative to the project home), or s3://bucket/prefix "
+        "(the S3 endpoint: AWS_ENDPOINT_URL, else AWS) or s3://host:port/bucket/prefix",
+    )
+
+    @field_validator("repository")
+    @classmethod
+    def _repository_url(cls, value: str) -> str:
+        """An s3:// URL is checked against Triton's rules here, every problem at once, before a run starts."""
+        if value.startswith("s3://"):
+            from serving.s3_repository import S3Location  # boto3: only for S3 repositories
+
+            try:
+                S3Location.parse(value)
+            except ConfigError as error:
+                first, *others = error.problems  # one line each; the error's own prefix names the field once
+                raise ValueError("\n".join([first, *(f"repository: {problem}" for problem in others)])) from error
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineParams":
@@ -104,7 +164,17 @@ class PipelineParams(BaseModel):
 
     @property
     def triton_model_name(self) -> str:
-        return self.model_name or self.recipe.rpartition(":")[2].replace("_", "-")
+        """`model_name`, else from the recipe: `stdlib-gpt`; `pkg.mod:my_recipe` -> `my-recipe`; a model source's
+        folder or file name (`hf:./models/tiny-bert` -> `tiny-bert`, `onnx:/x/resnet.onnx` -> `resnet`)."""
+        if self.model_name:
+            return self.model_name
+        kind, _, source = self.recipe.partition(":")
+        if kind in ("hf", "onnx"):
+            name = PurePath(source.rstrip("/")).name
+            name = name.removesuffix(".onnx") if kind == "onnx" else name
+        else:
+            name = self.recipe.rpartition(":")[2].replace("_", "-")
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "model"
 
     def serving_config(self, recipe: Recipe) -> ServingConfig:
         value_ranges = {spec.name: spec.value_range for spec in recipe.inputs if spec.value_range is not None}
@@ -119,6 +189,7 @@ class PipelineParams(BaseModel):
             max_queue_delay_microseconds=self.serving.max_queue_delay_microseconds,
             max_queue_size=self.serving.max_queue_size,
             instance_count=self.serving.instance_count,
+            instance_kind=self.serving.instance_kind,
             intra_op_threads=self.serving.intra_op_threads,
             value_ranges=value_ranges,
             max_dims=max_dims,

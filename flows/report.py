@@ -28,7 +28,7 @@ def render_report(summary: RunSummary) -> str:
         f"| {stage.stage} | {stage.status.value} | {stage.seconds:.1f} | {_stage_note(stage)} |"
         for stage in summary.stages()
     ]
-    lines += _training_lines(summary)
+    lines += _source_lines(summary.recipe) + _training_lines(summary)
     precision = summary.precision.output
     if precision:
         lines += [
@@ -42,6 +42,22 @@ def render_report(summary: RunSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _source_lines(recipe: dict) -> list[str]:
+    """For a model the user brought: that it was not trained, and what the precision gates compared against."""
+    if recipe.get("trains", True):
+        return []
+    metric = recipe.get("primary_metric", "")
+    data = "synthetic inputs made from the input description" if recipe.get("synthetic_data") else "your samples"
+    basis = (
+        f"the task metric `{metric}` on your labelled samples"
+        if metric == "accuracy"
+        else f"agreement with the FP32 model (`{metric}`) on {data}"
+    )
+    lines = ["", f"Model `{recipe.get('recipe')}` was brought as it is: not trained. The precision gates used {basis}."]
+    lines += [f"- {note}" for note in recipe.get("notes", [])]
+    return lines
+
+
 def _training_lines(summary: RunSummary) -> list[str]:
     lines = []
     train, export = summary.train.output, summary.export.output
@@ -53,11 +69,14 @@ def _training_lines(summary: RunSummary) -> list[str]:
             f"Validation (torch): {_metrics(train.validation)}.",
         ]
     if export:
+        diffs = export.verification.max_abs_diff
+        compared = f"max |onnx - torch| {max(diffs.values()):.2e}" if diffs else "runs, batch first, finite outputs"
         lines += [
             f"Validation (ONNX Runtime): {_metrics(export.validation_onnxruntime)}.",
-            f"ONNX opset {export.opset}; verified on {export.verification.cases} input shapes, "
-            f"max |onnx - torch| {max(export.verification.max_abs_diff.values()):.2e}.",
+            f"ONNX opset {export.opset}; verified on {export.verification.cases} input shapes: {compared}.",
         ]
+        if export.adopted_from:
+            lines.append(f"Adopted `{export.adopted_from}` as the FP32 model (nothing was exported).")
     return lines
 
 
@@ -67,7 +86,7 @@ def _served_lines(summary: RunSummary) -> list[str]:
         return []
     lines = [
         f"Served alias over {protocol}: max |served - in-process| {check.max_abs_diff_vs_in_process:.2e}, "
-        f"top-1 agreement with torch FP32 {check.top1_agreement_with_torch:.3f}."
+        f"top-1 agreement with the FP32 reference {check.top1_agreement_with_torch:.3f}."
         for protocol, check in served.protocols.items()
     ]
     for variant, diffs in served.variants.items():

@@ -23,6 +23,16 @@ def load_trained(recipe: Recipe, weights_path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def reference_model(recipe: Recipe, weights_path: str | Path | None) -> torch.nn.Module | None:
+    """The FP32 torch model of a run: the trained weights, or for a model the user brought (`recipe.trains` False)
+    the model as it came; None when there is no torch model (an `onnx:` source, or no weights to load)."""
+    if weights_path:
+        return load_trained(recipe, weights_path)
+    if not getattr(recipe, "trains", True) and getattr(recipe, "has_torch_model", True):
+        return recipe.build_model().eval()
+    return None
+
+
 def torch_predictor(model: torch.nn.Module, recipe: Recipe, device: torch.device | str = "cpu") -> Predictor:
     """A function from the recipe's named numpy inputs to the model's first output as numpy."""
     names = [spec.name for spec in recipe.inputs]

@@ -19,13 +19,26 @@ def byte_context(recipe: Recipe) -> int:
     """How many bytes of context a byte model takes; `RecipeError` for any other model."""
     if not is_byte_model(recipe):
         takes = ", ".join(f"{spec.name} {spec.dtype} {list(spec.shape)}" for spec in recipe.inputs)
-        raise RecipeError(f"text is for byte models like stdlib-gpt; a '{recipe.name}' model takes {takes}")
+        raise RecipeError(
+            f"text is for byte models like stdlib-gpt and models with a tokenizer; a '{recipe.name}' model takes "
+            f"{takes}: send --input or --sample instead"
+        )
     return recipe.options.block_size
 
 
+def has_tokenizer(recipe: Recipe) -> bool:
+    """A model brought with its own tokenizer (an `hf:` text model): text requests go through it."""
+    return callable(getattr(recipe, "text_inputs", None)) and recipe.tokenizer() is not None
+
+
 def sample_inputs(recipe: Recipe, index: int = 0, text: str | None = None) -> dict[str, np.ndarray]:
-    """One request (batch of 1): held-out sample `index` of the recipe's validation split, or, for byte models,
-    `text` as the context (its last `block_size` bytes, (1, T) int64)."""
+    """One request (batch of 1): held-out sample `index` of the recipe's validation split, or `text`: through the
+    model's own tokenizer when it has one, else, for byte models, as the context (its last `block_size` bytes,
+    (1, T) int64)."""
+    if text is not None and has_tokenizer(recipe):
+        if not text:
+            raise RecipeError("the text is empty; the tokenizer needs at least one character")
+        return recipe.text_inputs(text)
     if text is not None:
         context = byte_context(recipe)
         if not text:

@@ -131,6 +131,41 @@ def complete_bytes(
         client.close()
 
 
+def complete_tokens(
+    url: str,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    protocol: Protocol = "http",
+    max_tokens: int = 40,
+    temperature: float = 0.7,
+    seed: int = 0,
+    context: int = 1024,
+    output_name: str = "logits",
+) -> Iterator[int]:
+    """Continue a tokenized prompt (`inputs`: input_ids and, if the model takes them, attention_mask and
+    token_type_ids, each (1, T) int64) with a served causal language model, one request per token, yielding each
+    token id. The answer's (1, T, vocab) logits at the last position pick the next token (as `complete_bytes`)."""
+    ids = inputs.get("input_ids")
+    if ids is None or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise InferenceError(f"model '{model}': the prompt must be one non-empty row of input_ids")
+    rng, tokens = np.random.default_rng(seed), [int(t) for t in ids[0]]
+    client = connect(url, protocol)
+    try:
+        for _ in range(max_tokens):
+            window = np.array(tokens[-context:], dtype=np.int64)[None]
+            feeds = {"input_ids": window}
+            if "attention_mask" in inputs:
+                feeds["attention_mask"] = np.ones_like(window)
+            if "token_type_ids" in inputs:
+                feeds["token_type_ids"] = np.zeros_like(window)
+            logits = infer(url, model, feeds, protocol, client=client)[output_name][0]
+            last = logits[-1] if logits.ndim == 2 else logits  # (T, vocab) for a causal LM, (vocab,) for a byte GPT
+            tokens.append(_next_byte(last.astype(np.float64), temperature, rng))
+            yield tokens[-1]
+    finally:
+        client.close()
+
+
 def _next_byte(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())

@@ -14,19 +14,24 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from core.errors import ChecksumError, RepositoryError
-from core.files import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from core.files import atomic_write_json, atomic_write_text, fsync_dir, onnx_data_files, sha256_file
 
 BACKEND_MODEL_FILE = Path(__file__).parent / "backend" / "model.py"
 STAGING_PREFIX = ".staging-"
 VERSION_MANIFEST = "manifest.json"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+INSTANCE_KINDS = {
+    "auto": mc.ModelInstanceGroup.KIND_AUTO,
+    "cpu": mc.ModelInstanceGroup.KIND_CPU,
+    "gpu": mc.ModelInstanceGroup.KIND_GPU,
+}
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: mc.TYPE_FP32,
@@ -57,6 +62,10 @@ class ServingConfig:
     runtime_precision: str = ""  # OpenVINO's inference precision hint ("bf16", "f32")
     runtime_settings: dict = field(default_factory=dict)  # core.runtimes.RuntimeSettings fields, as measured best
     model_file: str = "model.onnx"  # the model file's name in the version folder (model.xml, model.pt2)
+    # where instances run: "cpu"; "gpu" (every GPU of the server; the load fails on a server without one); "auto"
+    # (Triton decides: the GPUs when it has some, else the CPU)
+    instance_kind: Literal["auto", "cpu", "gpu"] = "cpu"
+    precision: str = ""  # the variant (fp32, fp16, int8-static...): GPU instances build their TensorRT engine at it
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,12 @@ def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.Model
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=serving.max_batch_size)
     config.input.extend(inputs)
     config.output.extend(outputs)
-    config.instance_group.add(count=serving.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    if serving.instance_kind not in INSTANCE_KINDS:
+        raise RepositoryError(
+            f"model '{name}': instance_kind {serving.instance_kind!r} is not one of {sorted(INSTANCE_KINDS)}"
+        )
+    # count instances on each GPU (KIND_GPU without `gpus`: every GPU the server sees), or on the CPU
+    config.instance_group.add(count=serving.instance_count, kind=INSTANCE_KINDS[serving.instance_kind])
     config.version_policy.latest.num_versions = 1
     if serving.dynamic_batching and serving.max_batch_size > 0:
         config.dynamic_batching.SetInParent()  # present even when every field keeps its default
@@ -161,6 +175,8 @@ def build_config(name: str, onnx_path: Path, serving: ServingConfig) -> mc.Model
         config.parameters["runtime_settings"].string_value = json.dumps(serving.runtime_settings, sort_keys=True)
     if serving.model_file != "model.onnx":
         config.parameters["model_file"].string_value = serving.model_file
+    if serving.precision:  # serving/backend/model.py: the TensorRT execution provider's fp16 / int8 switches
+        config.parameters["precision"].string_value = serving.precision
     return config
 
 
@@ -183,18 +199,29 @@ def write_version(
 ) -> VersionResult:
     """Write `repository/name/<next>/` (the model file, the files it needs beside it, model.py, manifest.json) and
     `repository/name/config.pbtxt`. The model file is ONNX, OpenVINO IR (`.xml`, with its `.bin` in `companions`)
-    or an AOTInductor package (`.pt2`); it is stored as `model<suffix>`, each companion as `model<its suffix>`.
-    The tensors come from the ONNX graph of `interface` (default: the model file itself)."""
+    or an AOTInductor package (`.pt2`); it is stored as `model<suffix>`, an IR's `.bin` as `model.bin`.
+    An ONNX graph's external data files (those its `location` fields name, found here whether or not they are in
+    `companions`) keep their own names: the graph is copied byte for byte and finds them beside it as before.
+    Every file is checksummed in the version's manifest. The tensors come from the ONNX graph of `interface`
+    (default: the model file itself)."""
     onnx_path = Path(onnx_path)
-    sources = [onnx_path, *map(Path, companions)]
+    data = _external_data(onnx_path)
+    sources = list({source.resolve(): source for source in [onnx_path, *map(Path, companions), *data]}.values())
     for source in sources:
         if not source.is_file():
             raise RepositoryError(f"model file {source} does not exist; run the export and precision stages first")
     if onnx_path.suffix != ".onnx" and interface is None:
         raise RepositoryError(f"{onnx_path} is not ONNX: pass the ONNX file whose tensors it takes as `interface`")
-    names = {source: f"model{source.suffix}" for source in sources}
-    if len(set(names.values())) != len(names):
-        raise RepositoryError(f"model files {[str(s) for s in sources]} would share a name in the version folder")
+    data_resolved = {path.resolve() for path in data}
+    names = {
+        source: source.name if source.resolve() in data_resolved else f"model{source.suffix}" for source in sources
+    }
+    taken = [*names.values(), "model.py", VERSION_MANIFEST]
+    if len(set(taken)) != len(taken):
+        raise RepositoryError(
+            f"model files {[str(s) for s in sources]} would share a name in the version folder "
+            f"(as {sorted(names.values())}, beside model.py and {VERSION_MANIFEST}); rename the external data file"
+        )
     serving = dataclasses.replace(serving, model_file=names[onnx_path])
 
     def populate(staging: Path) -> None:
@@ -206,6 +233,21 @@ def write_version(
     files["model.py"] = sha256_file(BACKEND_MODEL_FILE)
     config = build_config(name, Path(interface or onnx_path), serving)
     return publish_version(repository, name, config, populate, provenance, dict(sorted(files.items())))
+
+
+def _external_data(onnx_path: Path) -> list[Path]:
+    """The external data files of an ONNX model file; each must be a plain name beside the graph, since the version
+    folder is flat."""
+    if onnx_path.suffix != ".onnx" or not onnx_path.is_file():
+        return []
+    data = onnx_data_files(onnx_path)
+    nested = [str(path) for path in data if path.parent != onnx_path.parent]
+    if nested:
+        raise RepositoryError(
+            f"{onnx_path} names external data {nested} outside its own folder; save it with the data beside the "
+            "graph (onnx.save_model(model, path, save_as_external_data=True, location='model.onnx.data'))"
+        )
+    return data
 
 
 def publish_version(
@@ -296,6 +338,8 @@ def serving_config_of(config: mc.ModelConfig) -> ServingConfig:
         runtime_precision=parameter("runtime_precision", ""),
         runtime_settings=json.loads(parameter("runtime_settings", "{}")),
         model_file=parameter("model_file", "model.onnx"),
+        instance_kind={kind: name for name, kind in INSTANCE_KINDS.items()}.get(group.kind, "cpu") if group else "cpu",
+        precision=parameter("precision", ""),
     )
 
 

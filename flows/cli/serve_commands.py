@@ -40,7 +40,9 @@ def triton_url(protocol: Protocol, url: str | None) -> str:
     return found
 
 
-Text = Annotated[Optional[str], option("For byte models: the context as text.", show_default=False)]
+Text = Annotated[
+    Optional[str], option("Text: through the model's own tokenizer, or as bytes for byte models.", show_default=False)
+]
 Sample = Annotated[
     Optional[int], typer.Option(min=0, show_default="0", help="A held-out sample of the recipe, by number.")
 ]
@@ -96,8 +98,10 @@ def _label(index: int, classes: int) -> str:
 Prompt = Annotated[
     str, typer.Argument(metavar="PROMPT", show_default=False, help="The code to continue, e.g. 'def fib(n):'.")
 ]
-ByteModel = Annotated[str, option("A served byte model.")]
-MaxBytes = Annotated[int, typer.Option(min=0, help="How many bytes to add (one request each).")]
+ByteModel = Annotated[str, option("A served byte model, or a causal LM brought with its tokenizer.")]
+MaxBytes = Annotated[
+    int, typer.Option(min=0, help="How many bytes (tokens, for a tokenizer model) to add, one request each.")
+]
 Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0: always the most likely byte.")]
 Seed = Annotated[int, option("Seed of the sampling.")]
 
@@ -111,11 +115,18 @@ def complete(
     protocol: ProtocolOption = Protocol.http,
     url: UrlOption = None,
 ) -> None:
-    """Complete code with a served stdlib-gpt, one request per byte."""
-    from recipes.requests import byte_context
+    """Complete text with a served stdlib-gpt (one request per byte) or a causal LM brought with its tokenizer
+    (`hf:` with task causal-lm: one request per token)."""
+    from recipes.requests import byte_context, has_tokenizer
     from serving.client import complete_bytes
 
-    context = byte_context(recipe_of_model(model))
+    recipe = recipe_of_model(model)
+    if has_tokenizer(recipe):
+        _complete_with_tokenizer(
+            recipe, prompt, model, max_bytes, temperature, seed, triton_url(protocol, url), protocol
+        )
+        return
+    context = byte_context(recipe)
     stream = complete_bytes(
         triton_url(protocol, url), model, prompt.encode(), context, protocol.value, max_bytes, temperature, seed
     )
@@ -130,8 +141,40 @@ def complete(
         sys.stdout.flush()
 
 
-HttpUrl = Annotated[Optional[str], option("Triton's HTTP endpoint; default: the stack's.", "HOST:PORT", False)]
-GrpcUrl = Annotated[Optional[str], option("Its gRPC endpoint; default: the stack's.", "HOST:PORT", False)]
+def _complete_with_tokenizer(recipe, prompt, model, max_tokens, temperature, seed, url, protocol) -> None:
+    """Token by token through the model's tokenizer; the text printed is the decoded whole, so a character made of
+    several tokens comes out once it is complete."""
+    from serving.client import complete_tokens
+
+    tokenizer, inputs = recipe.tokenizer(), recipe.text_inputs(prompt)
+    prompt_ids = [int(t) for t in inputs["input_ids"][0]]
+    context = recipe.inputs[0].ranges[0][2] if recipe.inputs[0].ranges else len(prompt_ids)
+    printed, generated = tokenizer.decode(prompt_ids, skip_special_tokens=True), []
+    sys.stdout.write(printed)
+    try:
+        for token in complete_tokens(url, model, inputs, protocol.value, max_tokens, temperature, seed, context):
+            generated.append(token)
+            text = tokenizer.decode(prompt_ids + generated, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a character split across tokens
+                sys.stdout.write(text[len(printed) :])
+                printed = text
+            sys.stdout.flush()
+    finally:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+HttpUrl = Annotated[
+    Optional[list[str]],
+    option(
+        "Triton's HTTP endpoint; repeat for replicas (requests round robin); default: every replica of the stack.",
+        "HOST:PORT",
+        False,
+    ),
+]
+GrpcUrl = Annotated[
+    Optional[list[str]], option("Its gRPC endpoint; one per --url, in order; default: the stack's.", "HOST:PORT", False)
+]
 Protocols = Annotated[Optional[list[Protocol]], option("Repeat for both.", show_default="grpc, http")]
 Thorough = Annotated[bool, option("Concurrency 1..32, Poisson rates, 3 s windows.", flag="--thorough")]
 Concurrencies = Annotated[Optional[str], option("Comma-separated, e.g. 1,2,4,8.", "LIST", "1,4; thorough: 1..32")]
@@ -176,7 +219,9 @@ def bench(
     points = len(protocols) * (
         len(options.concurrencies or preset["concurrencies"]) + len(options.rates or preset["rates"])
     )
-    endpoint = stack.endpoint(host_port(url), host_port(grpc_url, "--grpc-url"))
+    endpoint = stack.endpoints(
+        [host_port(one) for one in url or []], [host_port(one, "--grpc-url") for one in grpc_url or []]
+    )
     if endpoint is None:
         raise TesError("no Triton to benchmark: start the stack with `tes up`, or pass --url host:port")
     with output.progress_bar(points, f"bench {model}") as report:

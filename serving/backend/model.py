@@ -8,12 +8,17 @@ any Triton with a Python backend that has them.
 It validates every request against the model's config before running it, and runs the requests that
 Triton's dynamic batcher hands it together, one ONNX Runtime call per distinct input shape.
 
+Before it loads anything it checks every file of its version against the version's `manifest.json` (sha256, read
+in 1 MiB chunks): a changed file (a corrupted external data file, say) fails the load, and Triton keeps serving the
+version it had.
+
 Errors are per request: a request refused by validation gets INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT), one
 the runtime fails on gets INTERNAL (HTTP 500, gRPC INTERNAL); the other requests of the same call are still answered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -50,6 +55,34 @@ def _error(message: str, code_name: str):
     return pb_utils.InferenceResponse(error=error)
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):  # 1 MiB at a time: a data file may be many GB
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(model_name: str, version_dir: str) -> None:
+    """Every file the version's `manifest.json` lists must have its recorded sha256; raise TritonModelException
+    naming the first that does not, so the load fails and Triton keeps the version it serves. A version without a
+    manifest (not written by the repository writer) is loaded as it is, with a warning."""
+    manifest_path = os.path.join(version_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        pb_utils.Logger.log_warn(f"{model_name}: {version_dir} has no manifest.json; its files are not verified")
+        return
+    with open(manifest_path, encoding="utf-8") as handle:
+        recorded = json.load(handle)["files"]
+    for file_name, expected in sorted(recorded.items()):
+        path = os.path.join(version_dir, file_name)
+        got = _sha256(path) if os.path.isfile(path) else "missing"
+        if got != expected:
+            raise pb_utils.TritonModelException(
+                f"model '{model_name}': {path} has sha256 {got}, expected {expected} (manifest.json); the version "
+                "changed after it was written: publish a fresh version instead of editing this one"
+            )
+
+
 def _parameter(config: dict, key: str, default: str | None = None) -> str | None:
     return config.get("parameters", {}).get(key, {}).get("string_value", default)
 
@@ -79,9 +112,9 @@ class TritonPythonModel:
         self.output_names = [spec["name"] for spec in config["output"]]
         self.value_ranges = json.loads(_parameter(config, "value_ranges", "{}"))
         self.max_dims = json.loads(_parameter(config, "max_dims", "{}"))
-        model_path = os.path.join(
-            args["model_repository"], args["model_version"], _parameter(config, "model_file", "model.onnx")
-        )
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        verify_manifest(self.model_name, version_dir)
+        model_path = os.path.join(version_dir, _parameter(config, "model_file", "model.onnx"))
         settings = json.loads(_parameter(config, "runtime_settings", "{}"))  # core.runtimes.RuntimeSettings fields
         threads = int(_parameter(config, "intra_op_threads", "0")) or int(settings.get("threads", 0))
         runtime = _parameter(config, "runtime", "onnxruntime")

@@ -290,7 +290,8 @@ def test_float_layers_run_in_the_precision_that_measured_faster(digits, monkeypa
     fp32, int8 = build_and_score(recipe, onnx_path, folder / f"fake-{faster}", config, measure=_fake_measure(seconds))
     assert int8.status == "accepted" and int8.runtime_precision == faster and int8.settings == {}
     timed_ = {(entry["precision"], entry["settings"]): entry["throughput_per_s"] for entry in int8.settings_tried}
-    assert set(timed_) == {("f32", "default"), ("bf16", "default"), ("f32", "performance_hint=THROUGHPUT")}
+    # (and one thread per logical CPU, on machines with more logical CPUs than cores)
+    assert {("f32", "default"), ("bf16", "default"), ("f32", "performance_hint=THROUGHPUT")} <= set(timed_)
     assert int8.throughput_per_s == max(timed_.values()) and int8.speedup_vs_fp32 == 5.0
     deployable = _deployables(
         PrecisionOutput(
@@ -338,3 +339,18 @@ def test_torch_compiled_gpt_matches_fp32_at_other_batch_sizes_and_lengths(tmp_pa
     tokens = next(iter(recipe.eval_batches(5))).inputs["tokens"]  # a strided view, as the recipe hands it out
     for feeds in ({"tokens": tokens}, {"tokens": tokens[:1, :7]}, {"tokens": tokens[:3, 2:]}):
         np.testing.assert_allclose(compiled.run(None, feeds)[0], reference.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_variants_built_in_parallel_come_back_in_order_and_are_timed_after(digits):
+    recipe, onnx_path, folder, _ = digits
+    built: list[str] = []
+
+    def record(build, names):
+        reports = variants.threaded_builds(build, names, workers=2)
+        built.extend(r.name for r in reports)
+        return reports
+
+    config = PrecisionConfig(variants=("int8-dynamic", "fp16"), accuracy_budget=1, min_speedup=0, **FAST)
+    reports = build_and_score(recipe, onnx_path, folder / "parallel", config, map_builds=record)
+    assert [r.name for r in reports] == ["fp32", "int8-dynamic", "fp16"] and built == ["int8-dynamic", "fp16"]
+    assert all(r.throughput_per_s > 0 for r in reports)  # timed once every build was done
