@@ -13,22 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from core.errors import ExportError
-from core.files import atomic_write
+from core.files import atomic_write, onnx_data_files
 from core.results import ONNX_FILE, Artifact, StageResult, Status, timed
 from core.runtimes import open_session
 from export.onnx_export import ExportConfig, ExportOutput, Verification, _verification_inputs, check_interface
 from recipes import Recipe
 from recipes.evaluation import evaluate, session_predictor
-
-
-def data_files(onnx_path: Path) -> list[str]:
-    """The external data files the graph's initializers name, relative to the model's folder."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    names = {ExternalDataInfo(tensor).location for tensor in model.graph.initializer if uses_external_data(tensor)}
-    return sorted(names)
 
 
 def adopt_stage(
@@ -39,7 +31,7 @@ def adopt_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ONNX_FILE
     with timed() as clock:
-        extra = data_files(source)
+        extra = [str(path.relative_to(source.parent.resolve())) for path in onnx_data_files(source.resolve())]
         for name in extra:  # the data first: the graph must never name a file that is not there yet
             atomic_write(out_dir / name, lambda tmp, name=name: shutil.copyfile(source.parent / name, tmp))
         atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))

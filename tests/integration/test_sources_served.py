@@ -119,3 +119,34 @@ def test_torch_module_with_its_checkpoint_is_served(triton_server, tmp_path, mon
     options = {"weights": str(tmp_path / "weights.pt"), "inputs": TORCH_INPUTS, "eval_samples": 64}
     _, summary = _run(triton_server, tmp_path, "torch:tes_served_user_models:make", options)
     _served_as_checked(summary, "top1_agreement")
+
+
+def test_onnx_file_with_external_data_is_adopted_with_its_data(tmp_path):
+    """The data file the graph names comes along into the run, before the graph, and both are artifacts."""
+    import onnx
+
+    from export.adopt import adopt_stage
+    from export.onnx_export import ExportConfig
+    from recipes import build_recipe
+
+    torch.manual_seed(0)
+    exported = tmp_path / "inline.onnx"
+    torch.onnx.export(
+        _Classifier().eval(),
+        (torch.randn(2, 6),),
+        str(exported),
+        input_names=["features"],
+        output_names=["scores"],
+        dynamic_axes={"features": {0: "batch"}, "scores": {0: "batch"}},
+        dynamo=False,
+    )
+    source = tmp_path / "source" / "split.onnx"
+    source.parent.mkdir()
+    onnx.save_model(
+        onnx.load(str(exported)), str(source), save_as_external_data=True, location="split.weights", size_threshold=0
+    )
+    recipe = build_recipe(f"onnx:{source}", {"eval_samples": 16})
+    result = adopt_stage(recipe, tmp_path / "run" / "export", ExportConfig(verify_samples=8), 16)
+    names = sorted(Path(a.path).name for a in result.artifacts)
+    assert names == ["model.onnx", "split.weights"] and all(a.intact() for a in result.artifacts)
+    assert result.output.verification.cases > 0 and result.output.adopted_from == str(source)
