@@ -8,6 +8,7 @@ The flow's parameters are the fields of `PipelineParams`, one by one, so each ca
 `--param`; a test keeps the two lists equal.
 """
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -38,6 +39,15 @@ from recipes import DigitsCnnOptions, StdlibGptOptions
 from training.loop import TrainingConfig
 
 REPORT_ARTIFACT_KEY = "train-export-serve-report"
+# the project's loggers, which `tes up` names in PREFECT_LOGGING_EXTRA_LOGGERS so flow runs send them to Prefect
+PROJECT_LOGGERS = ("recipes", "training", "export", "serving", "bench", "accounting", "flows")
+
+
+def _log_to_prefect() -> None:
+    """Prefect gives the extra loggers its handlers but not a level: left at the root's WARNING, training progress
+    and the stages' INFO lines would never reach the run's log (or `prefect deployment run --watch`)."""
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _as_task(stage: str, function: Callable, *args: Any, cache_key: str | None = None, reused: bool = False) -> Any:
@@ -157,6 +167,7 @@ def train_export_serve(
             repository=repository,
         )
     )
+    _log_to_prefect()
     resume = None
     if resume_run:
         params, resume = resumable_run(resume_run)

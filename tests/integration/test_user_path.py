@@ -102,6 +102,7 @@ def test_deployment_run_trains_exports_and_serves(stack):
     run = _deployment_run(env, *TINY)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
+    assert "train digits-cnn: step 40/40" in run.stdout and "steps/s" in run.stdout  # training progress, watched
     url = f"127.0.0.1:{state['triton']['http_port']}"
     ready = {
         e["name"]: e["version"]
