@@ -492,12 +492,12 @@ def main() -> None:
             result["total_seconds"] = time.perf_counter() - start
             result["child_peak_rss_mb"] = max(record["peak_rss_mb"] for record in result["stages"].values())
             results.append(result)
+            if args.json:  # after every size: a long run that dies keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, context {CONTEXT}\n")
     print(_table(results))
     for r in results:
         print(f"\n{r['size']}: samples/s " + ", ".join(f"{k} {v:.1f}" for k, v in r["samples_per_s"].items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
     if args.plot and results:
         _plot(results, args.plot)
 
