@@ -39,19 +39,13 @@ def adopt_stage(
             onnx.checker.check_model(str(target))  # a path: the checker reads external data itself
         except onnx.checker.ValidationError as error:
             raise ExportError(f"onnx.checker rejected {source}: {error}; re-export the model") from error
-        check_interface(recipe, onnx.load(str(target), load_external_data=False))
+        graph = onnx.load(str(target), load_external_data=False)  # read once: the interface and the opset
+        check_interface(recipe, graph)
         verification = verify_runs(recipe, target, config)
         validation = evaluate(recipe, session_predictor(open_session(target), recipe), eval_samples)
     output = ExportOutput(
         onnx=str(target),
-        opset=max(
-            (
-                o.version
-                for o in onnx.load(str(target), load_external_data=False).opset_import
-                if o.domain in ("", "ai.onnx")
-            ),
-            default=0,
-        ),
+        opset=max((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), default=0),
         verification=verification,
         torch=torch.__version__,
         onnx_version=onnx.__version__,

@@ -30,7 +30,7 @@ class Deployable:
     runtime: str = "onnxruntime"
     runtime_precision: str = ""
     settings: dict = field(default_factory=dict)  # core.runtimes.RuntimeSettings fields that differ from defaults
-    files: tuple[str, ...] = ()  # beside the model file: an OpenVINO IR's .bin
+    files: tuple[str, ...] = ()  # beside the model file: an OpenVINO IR's .bin, an ONNX graph's external data
 
 
 class DeployedVersion(StageOutput):
