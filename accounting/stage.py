@@ -122,6 +122,13 @@ def _per_variant(ledger: Ledger, precision: StageResult[PrecisionOutput] | None,
         )
 
 
+def note(ledger: Ledger, stage: str, text: str) -> None:
+    """A note on `stage`'s entry, when it has one."""
+    entry = _entry(ledger, stage)
+    if entry is not None:
+        entry.notes.append(text)
+
+
 def _gpu_name() -> str:
     import torch
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.files import atomic_write_json, model_companions
 from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
@@ -82,8 +82,19 @@ class PrecisionConfig(BaseModel):
         1,
         ge=1,
         le=64,
-        description="variants built at once (threads; in a flow run, Prefect tasks); speed is "
-        "measured after every build, one at a time",
+        description="variants built at once (threads, or processes of a temporary local Dask cluster; in a flow "
+        "run, Prefect tasks); speed is measured after every build, one at a time, here",
+    )
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads",
+        description="what builds the variants: threads of this process, or Dask (prefect-dask in a flow run; "
+        "`pip install '.[dask]'`): the cluster at dask_address, else a temporary local one",
+    )
+    dask_address: str | None = Field(
+        None,
+        pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
+        description="scheduler of an existing Dask cluster (tcp://host:8786) whose workers run this project's "
+        "environment and see the run folder at the same path; None: a local cluster of build_workers processes",
     )
     tune_settings: bool = Field(
         True,
@@ -97,6 +108,15 @@ class PrecisionConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown variant(s) {unknown}: expected some of {list(ALL_VARIANTS)}")
         return tuple(dict.fromkeys(("fp32", *variants)))  # FP32 is always the reference
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "PrecisionConfig":
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError(
+                f"dask_address {self.dask_address!r} is set but task_runner is {self.task_runner!r}: "
+                "set task_runner to 'dask' as well, or drop dask_address"
+            )
+        return self
 
 
 @dataclass
@@ -350,7 +370,7 @@ def build_and_score(
     def build(name: str) -> VariantReport:
         return _timed_build(context, name, batches, reference, [fp32_report])[0]
 
-    mapper = map_builds or functools.partial(threaded_builds, workers=config.build_workers)
+    mapper = map_builds or default_builds(config)
     reports = [fp32_report, *mapper(build, list(config.variants[1:]))]
     sessions: dict[tuple[str, int], Any] = {}
     candidates: dict[str, list] = {}
@@ -381,6 +401,15 @@ def build_and_score(
 
 
 BuildMap = Callable[[Callable[[str], VariantReport], list[str]], list[VariantReport]]
+
+
+def default_builds(config: PrecisionConfig) -> BuildMap:
+    """Threads of this process, or Dask (a plain `distributed` client: there is no flow run to report tasks to)."""
+    if config.task_runner == "dask":
+        from export.dask_builds import dask_builds
+
+        return functools.partial(dask_builds, address=config.dask_address, workers=config.build_workers)
+    return functools.partial(threaded_builds, workers=config.build_workers)
 
 
 def threaded_builds(build: Callable[[str], VariantReport], names: list[str], workers: int = 1) -> list:

@@ -37,7 +37,10 @@ _STAGE_CODE = {
 _RECIPE_PARAMS = ("recipe", "stdlib_gpt", "digits_cnn", "recipe_options")
 _STAGE_PARAMS = {"train": ("training",), "export": ("export",), "precision": ("precision",)}
 # fields that change how a stage runs, not what it makes
-_NEUTRAL = {"training": ("resume", "rdzv_endpoint", "node_rank", "max_restarts", "timeout_s")}
+_NEUTRAL = {
+    "training": ("resume", "rdzv_endpoint", "node_rank", "max_restarts", "timeout_s"),
+    "precision": ("build_workers", "task_runner", "dask_address"),
+}
 _STAGE_LIBRARIES = {
     "train": ("torch",),
     "export": ("torch", "onnx", "onnxscript", "onnxruntime", "transformers"),

@@ -42,6 +42,10 @@ from serving.triton import Endpoint
 from training.loop import TrainOutput, pick_device, train
 
 log = logging.getLogger(__name__)
+_DASK_NOTE = (
+    "variants built on Dask workers ({}): this entry's CPU time and energy hold their work only where they were "
+    "this process's children (a local cluster), not a remote cluster's"
+)
 
 # How a stage is called: `call(name, function, *args, cache_key=..., reused=...)` returns `function(*args)`,
 # directly (tes run) or as a Prefect task of that name (the flow), which hands the key to Prefect's cache.
@@ -194,6 +198,8 @@ def run_pipeline(
         run.update(status="failed", error=f"{type(error).__name__}: {error}")
         raise
     extra = accounting.enrich(ledger, recipe, params.training.batch_size, trained, precision, benchmark)
+    if params.precision.task_runner == "dask":
+        accounting.note(ledger, "precision", _DASK_NOTE.format(params.precision.dask_address or "a local cluster"))
     ledger_files, ledger_markdown = accounting.write(ledger, extra, run.ledger_json, run.ledger_plot)
     summary = RunSummary(
         run_id=run.run_id,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Callable
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
 from accounting.ledger import Prices
@@ -74,12 +74,28 @@ def _as_task(stage: str, function: Callable, *args: Any, cache_key: str | None =
     return function(*args) if reused else returned
 
 
-def _variant_tasks(workers: int):
-    """How the flow builds precision variants: each a Prefect task `precision:<variant>`, `workers` at a time."""
+def _task_runner(config: PrecisionConfig) -> TaskRunner:
+    """Threads of the flow's process, or prefect-dask's runner on the cluster at `dask_address` (else a temporary
+    local one of `build_workers` processes)."""
+    if config.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=config.build_workers)
+    from export.dask_builds import local_cluster_options, require_distributed
+
+    require_distributed()  # the install hint when Dask is missing
+    from prefect_dask import DaskTaskRunner
+
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(cluster_kwargs=local_cluster_options(config.build_workers))
+
+
+def _variant_tasks(config: PrecisionConfig):
+    """How the flow builds precision variants: each a Prefect task `precision:<variant>` on the configured task
+    runner, `build_workers` at a time with threads."""
 
     def map_builds(build: Callable, names: list[str]) -> list:
         variant = task(build, name="precision", task_run_name="precision:{name}", cache_policy=NO_CACHE)
-        with ThreadPoolTaskRunner(max_workers=workers) as runner:
+        with _task_runner(config) as runner:
             futures = [runner.submit(variant.with_options(persist_result=False), {"name": name}) for name in names]
             return [future.result() for future in futures]
 
@@ -171,7 +187,7 @@ def train_export_serve(
     resume = None
     if resume_run:
         params, resume = resumable_run(resume_run)
-    builds = _variant_tasks(params.precision.build_workers)
+    builds = _variant_tasks(params.precision)
     summary = run_pipeline(params, call=_as_task, publish=_publish, resume=resume, map_builds=builds)
     _publish_tables(summary)
     get_run_logger().info("run folder: %s", summary.run_dir)

@@ -1,7 +1,8 @@
 """Per-stage caching, resuming a killed run, and stage time limits, on tiny models (no Triton: serving.load false).
 
 - A second run that changes only a precision setting reuses train and export and rebuilds precision; through the
-  Prefect flow (a real Prefect API server from `prefect_test_harness`), Prefect reports the reused tasks Cached.
+  Prefect flow (a real Prefect API server from `prefect_test_harness`), Prefect reports the reused tasks Cached,
+  and the variants, built on a Dask cluster with prefect-dask, are Prefect tasks still.
 - A `tes run` killed with SIGKILL during training, then `tes run --resume last`, ends with the same weights as an
   uninterrupted run, and its report says which stages were reused.
 - A stage that runs past its limit fails naming the stage and the limit.
@@ -53,17 +54,23 @@ def test_changing_only_a_precision_setting_reuses_train_and_export(tes_home, tmp
 
 
 def test_prefect_reports_reused_stages_as_cached(tes_home, tmp_path):
+    from distributed import Client, LocalCluster
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.testing.utilities import prefect_test_harness
 
+    from export.dask_builds import local_cluster_options
     from flows.prefect_flow import train_export_serve
 
     flow_arguments = {k: v for k, v in _params(tmp_path).model_dump().items()}
-    with prefect_test_harness():
+    with prefect_test_harness(), LocalCluster(**local_cluster_options(1)) as cluster:
         train_export_serve(**flow_arguments)
-        changed = {**flow_arguments, "precision": {**flow_arguments["precision"], "calibration_method": "entropy"}}
+        # the second run builds its variants on a Dask cluster (prefect-dask), still one Prefect task each
+        dask = {"calibration_method": "entropy", "task_runner": "dask", "dask_address": cluster.scheduler_address}
+        changed = {**flow_arguments, "precision": {**flow_arguments["precision"], **dask}}
         state = train_export_serve(**changed, return_state=True)
+        with Client(cluster.scheduler_address, set_as_default=False) as dask_client:
+            ran_on_dask = dask_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
         with get_client(sync_client=True) as client:
             task_runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
@@ -73,6 +80,7 @@ def test_prefect_reports_reused_stages_as_cached(tes_home, tmp_path):
     assert by_stage["train"] == "Cached" and by_stage["export"] == "Cached", states
     assert by_stage["precision"] == "Completed", states
     assert states.get("precision:int8-static") == "Completed", states  # each variant built as its own task
+    assert ran_on_dask == ["build"], ran_on_dask  # a fresh cluster: its only tasks were the variant builds
 
 
 def _tes(home: Path, *args: str, **kwargs) -> subprocess.Popen:

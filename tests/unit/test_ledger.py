@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,3 +73,13 @@ def test_payback_counts_inferences_until_the_build_energy_is_repaid():
         build_joules=100.0, baseline_j_per_inference=0.5, variant_j_per_inference=0.3
     ) == pytest.approx(500)
     assert payback_inferences(100.0, 0.3, 0.5) is None  # a variant that costs more per inference never pays back
+
+
+def test_a_stage_counts_the_cpu_time_of_the_processes_it_started_and_theirs():
+    """torchrun's ranks are grandchildren of the pipeline: their CPU time reaches the train entry once reaped."""
+    busy = "import time\nx = 0\nfor i in range(3_000_000): x += i\nprint(time.process_time())"
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"
+    with Ledger().measure("train") as entry:
+        out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True).stdout
+    grandchild_cpu_s = float(out)
+    assert entry.busy_cores * entry.wall_s >= grandchild_cpu_s
