@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.errors import ExportError
 from core.files import atomic_write_json, model_companions
 from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
 from core.runtimes import RuntimeSettings, measure_speed, open_session, runtime_of, settings_candidates
@@ -366,6 +367,10 @@ def build_and_score(
     )
     reference = _first_outputs(open_session(fp32_path), [b.inputs for b in batches])
     fp32_report, fp32_session = _timed_build(context, "fp32", batches, reference, [])
+    if fp32_session is None:  # the reference every gate compares with
+        raise ExportError(
+            f"the FP32 model {fp32_path} cannot be scored, so no variant can be gated: {fp32_report.reason}"
+        )
 
     def build(name: str) -> VariantReport:
         return _timed_build(context, name, batches, reference, [fp32_report])[0]
@@ -511,7 +516,11 @@ def _build_scored(context: _Context, name: str, batches: list, reference: list, 
         report.bytes += sum(Path(p).stat().st_size for p in report.files)
         if name == "openvino-nncf" and attempt:
             report.method = "nncf accuracy control"
-        score(recipe, report, session, batches, reference)
+        try:
+            score(recipe, report, session, batches, reference)
+        except Exception as error:  # a runtime answering the wrong shape: this variant is skipped, not the stage
+            report.status, report.reason = "skipped", f"cannot score {name}: {type(error).__name__}: {error}"
+            return report, None
         reason = accuracy_gate(recipe, report, reports[0], config.accuracy_budget) if reports else None
         if reason is None:
             return report, session
