@@ -21,6 +21,7 @@ from core.runtimes import open_session  # noqa: E402
 from serving import client, repository, s3_repository, triton  # noqa: E402
 from serving.repository import ServingConfig  # noqa: E402
 from serving.s3_repository import S3Location  # noqa: E402
+from serving.s3_store import Store  # noqa: E402
 from tests.conftest import TINY_DIGITS  # noqa: E402
 from tests.integration import s3_store  # noqa: E402
 
@@ -97,7 +98,7 @@ def test_published_version_is_served_over_http_and_grpc_and_through_an_alias(ser
 
 def test_files_go_up_first_then_the_manifest_then_the_config(s3, tiny, monkeypatch):
     writes: list[str] = []
-    put, upload = s3_repository._Store.put, s3_repository._Store.upload
+    put, upload = Store.put, Store.upload
 
     def recorded_put(self, key: str, *args, **kwargs):
         writes.append(key)
@@ -107,8 +108,8 @@ def test_files_go_up_first_then_the_manifest_then_the_config(s3, tiny, monkeypat
         writes.append(key)
         upload(self, key, path)
 
-    monkeypatch.setattr(s3_repository._Store, "put", recorded_put)
-    monkeypatch.setattr(s3_repository._Store, "upload", recorded_upload)
+    monkeypatch.setattr(Store, "put", recorded_put)
+    monkeypatch.setattr(Store, "upload", recorded_upload)
     assert s3_repository.publish_version(s3.location("order"), "digits", tiny.version_dir) == 1
     version_writes = [key.removeprefix("order/digits/1/") for key in writes if key.startswith("order/digits/1/")]
     # the claim, the files, the claim renewed (its lease now outlasts the manifest write), the manifest
@@ -142,7 +143,7 @@ def test_racing_publishers_take_distinct_versions(s3, tiny):
     assert s3_repository.served_version(location, "digits") == published[-1]
     assert s3_repository.verify_version(location, "digits")
     # a claimer with a stale view of the folder (it starts at 1) gets 412 on every taken number, never a taken one
-    stale = s3_repository._claim(s3_repository._Store(location), "digits", 60.0, first=1)
+    stale = s3_repository._claim(Store(location), "digits", 60.0, first=1)
     assert stale.version == max(numbers) + 1
     numbers.append(stale.version)
     # the claims are still within their lease: the next publish leaves them alone and takes a new number
@@ -272,7 +273,7 @@ def test_incomplete_upload_is_never_loaded_and_is_cleaned_by_the_next_publish(se
 
 def test_a_damaged_upload_aborts_the_publish_and_cleans_up_after_itself(s3, tiny, monkeypatch):
     location = s3.location("damaged")
-    upload = s3_repository._Store.upload
+    upload = Store.upload
 
     def damaging_upload(self, key: str, path: Path) -> None:
         if key.endswith("model.onnx"):
@@ -280,7 +281,7 @@ def test_a_damaged_upload_aborts_the_publish_and_cleans_up_after_itself(s3, tiny
         else:
             upload(self, key, path)
 
-    monkeypatch.setattr(s3_repository._Store, "upload", damaging_upload)
+    monkeypatch.setattr(Store, "upload", damaging_upload)
     with pytest.raises(
         ChecksumError, match=r"s3://models/damaged/digits/1/model.onnx reads back with sha256 .*expected"
     ):
@@ -292,7 +293,7 @@ def test_a_damaged_upload_aborts_the_publish_and_cleans_up_after_itself(s3, tiny
 
 def test_a_publisher_that_outlived_its_lease_stops_before_its_manifest(s3, tiny, monkeypatch):
     location = s3.location("slow")
-    upload = s3_repository._Store.upload
+    upload = Store.upload
 
     def slow_upload(self, key: str, path: Path) -> None:
         upload(self, key, path)
@@ -300,7 +301,7 @@ def test_a_publisher_that_outlived_its_lease_stops_before_its_manifest(s3, tiny,
             time.sleep(1.1)
             s3_repository.clean_incomplete(location, "digits")
 
-    monkeypatch.setattr(s3_repository._Store, "upload", slow_upload)
+    monkeypatch.setattr(Store, "upload", slow_upload)
     with pytest.raises(RepositoryError, match="lost the claim on version 1 of 'digits'"):
         s3_repository.publish_version(location, "digits", tiny.version_dir, lease_s=0.5)
     assert _keys(s3.admin, "slow/") == {"slow/digits/1/.claim"}  # abandoned by the other publisher, files gone
