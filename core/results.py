@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -130,6 +130,7 @@ class RunDir:
         elif not self.path.is_dir():
             raise TesError(f"run folder {self.path} does not exist; `tes report` with no argument shows the last run")
         self.manifest_path = self.path / "manifest.json"
+        self.on_change: Callable[[RunDir], None] | None = None  # called after each manifest write (S3 mirroring)
 
     @property
     def run_id(self) -> str:
@@ -191,11 +192,17 @@ class RunDir:
         manifest = self.read_manifest()
         manifest.update(fields)
         atomic_write_json(self.manifest_path, manifest)
+        self.changed()
 
     def record(self, result: StageResult) -> None:
         manifest = self.read_manifest()
         manifest["stages"][result.stage] = result.to_dict()
         atomic_write_json(self.manifest_path, manifest)
+        self.changed()
+
+    def changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 def last_run_pointer() -> Path:

@@ -20,13 +20,16 @@ import importlib.metadata
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from core import paths
 from core.files import atomic_write_json
-from core.results import Artifact
+from core.results import Artifact, RunDir
 from flows.params import PipelineParams
 from recipes import Recipe
+
+if TYPE_CHECKING:
+    from flows.run_store import RunStore  # boto3: only for an S3 runs_dir
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _STAGE_CODE = {
@@ -110,24 +113,37 @@ def _index() -> dict[str, str]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def lookup(stage: str, key: str | None) -> tuple[dict, Path] | None:
+def lookup(stage: str, key: str | None, runs: RunStore | None = None) -> tuple[dict, Path] | None:
     """(the stage's recorded result, the run folder that made it) for `key`, if that run recorded the stage as ok
-    and every one of its artifacts is still intact; None otherwise."""
-    if key is None or key not in _index():
+    and every one of its artifacts is still intact; None otherwise. With `runs` (an S3 runs_dir), a key this
+    machine's index lacks is looked up in the store, and the run that made it is downloaded."""
+    if key is None:
         return None
-    manifest_path = Path(_index()[key]) / "manifest.json"
+    found = _recorded(stage, Path(_index()[key])) if key in _index() else None
+    if found is None and runs is not None:
+        made_it = runs.cached_run(key, stage)
+        found = _recorded(stage, made_it.path) if made_it is not None else None
+    return found
+
+
+def _recorded(stage: str, run_dir: Path) -> tuple[dict, Path] | None:
+    manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         return None
     result = json.loads(manifest_path.read_text()).get("stages", {}).get(stage)
-    if not result or result.get("status") != "ok" or result.get("reason", "").startswith(("cached", "resumed")):
+    # a stage this run took from another run's folder is found under that run; one it made before it was resumed
+    # ("resumed: ...") is its own
+    if not result or result.get("status") != "ok" or result.get("reason", "").startswith("cached"):
         return None
     if not all(Artifact(**artifact).intact() for artifact in result["artifacts"]):
         return None
-    return result, manifest_path.parent
+    return result, run_dir
 
 
-def remember(key: str | None, run_dir: Path) -> None:
-    """Record that the run in `run_dir` made the stage with `key` (called as each stage finishes, so the completed
-    stages of a run that fails later are reused too)."""
+def remember(key: str | None, run: RunDir, stage: str, runs: RunStore | None = None) -> None:
+    """Record that `run` made `stage` with `key` (called as each stage finishes, so the completed stages of a run
+    that fails later are reused too); in the S3 store as well with `runs`."""
     if key is not None:
-        atomic_write_json(_index_path(), {**_index(), key: str(run_dir)})
+        atomic_write_json(_index_path(), {**_index(), key: str(run.path)})
+        if runs is not None:
+            runs.remember(key, run, stage)

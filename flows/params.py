@@ -11,7 +11,15 @@ import re
 from pathlib import PurePath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from accounting.ledger import Prices
 from bench.stage import BenchmarkOptions
@@ -112,7 +120,12 @@ class PipelineParams(BaseModel):
     benchmark: BenchmarkOptions = BenchmarkOptions()
     prices: Prices = Prices()
     stages: StagePolicies = StagePolicies()
-    runs_dir: str = Field("runs", min_length=1, description="where run folders go (relative to the project home)")
+    runs_dir: str = Field(
+        "runs",
+        min_length=1,
+        description="where run folders go: a folder (relative to the project home), or s3://bucket/prefix, shared "
+        "by workers on several machines (a local copy is worked on, mirrored as each stage finishes)",
+    )
     repository: str = Field(
         "model_repository",
         min_length=1,
@@ -120,18 +133,18 @@ class PipelineParams(BaseModel):
         "(the S3 endpoint: AWS_ENDPOINT_URL, else AWS) or s3://host:port/bucket/prefix",
     )
 
-    @field_validator("repository")
+    @field_validator("repository", "runs_dir")
     @classmethod
-    def _repository_url(cls, value: str) -> str:
+    def _s3_url(cls, value: str, info: ValidationInfo) -> str:
         """An s3:// URL is checked against Triton's rules here, every problem at once, before a run starts."""
         if value.startswith("s3://"):
-            from serving.s3_repository import S3Location  # boto3: only for S3 repositories
+            from serving.s3_store import S3Location  # boto3: only for S3 locations
 
             try:
                 S3Location.parse(value)
             except ConfigError as error:
                 first, *others = error.problems  # one line each; the error's own prefix names the field once
-                raise ValueError("\n".join([first, *(f"repository: {problem}" for problem in others)])) from error
+                raise ValueError("\n".join([first, *(f"{info.field_name}: {p}" for p in others)])) from error
         return value
 
     @model_validator(mode="after")

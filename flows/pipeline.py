@@ -34,6 +34,7 @@ from flows import cache, stack
 from flows.limits import limited
 from flows.params import PipelineParams, ServingParams, StagePolicies, parse_params
 from flows.report import render_report
+from flows.run_store import RunStore, is_s3, split_run_url
 from recipes import Recipe
 from recipes.evaluation import reference_model, session_predictor, torch_predictor
 from serving.check import ServedCheckOutput, check_served
@@ -99,8 +100,9 @@ class _Stages:
         policies: StagePolicies,
         resumed: bool = False,
         map_builds: BuildMap | None = None,
+        runs: RunStore | None = None,
     ):
-        self.run, self.policies, self.map_builds = run, policies, map_builds
+        self.run, self.policies, self.map_builds, self.runs = run, policies, map_builds, runs
         self.call = accounting.measured(ledger, call, device)
         self.earlier = _resumable(run) if resumed else {}
 
@@ -122,7 +124,7 @@ class _Stages:
             reason = f"resumed: completed in this run before it stopped ({own.seconds:.1f} s then)"
             result = own.model_copy(update={"reason": reason, "seconds": 0.0})
             return self._record(self.call(name, lambda: result, cache_key=key, reused=True))
-        found = cache.lookup(name, key)
+        found = cache.lookup(name, key, self.runs)
         if found is not None:
             try:
                 earlier = StageResult[REUSABLE[name]].model_validate(found[0])
@@ -136,7 +138,7 @@ class _Stages:
                 return self._record(self.call(name, lambda: result, cache_key=key, reused=True))
         result = self(name, function, *args, cache_key=key)
         if result.ok:
-            cache.remember(key, self.run.path)
+            cache.remember(key, self.run, name, self.runs)
         return result
 
     def _record(self, result: StageResult) -> StageResult:
@@ -185,12 +187,18 @@ def run_pipeline(
     stages are reused after their sha256 are checked, and training continues from its last checkpoint."""
     recipe = params.build_recipe()
     endpoint = resolve_endpoint(params.serving)  # once, here: every stage that talks to Triton gets this one
-    run = resume or claim_run_dir(paths.resolve(params.runs_dir), params.triton_model_name)
+    runs = RunStore(params.runs_dir) if is_s3(params.runs_dir) else None
+    if resume is not None:
+        run = resume
+    elif runs is not None:
+        run = runs.claim(params.triton_model_name)
+    else:
+        run = claim_run_dir(paths.resolve(params.runs_dir), params.triton_model_name)
     run.update(params=params.model_dump(mode="json"), recipe=recipe.describe(), status="running", error=None)
     log.info("%s run folder: %s", "resuming in" if resume else "run folder:", run.path)
     ledger = Ledger(params.prices)
     device = str(pick_device(params.training.device))
-    stage = _Stages(run, ledger, call, device, params.stages, resume is not None, map_builds)
+    stage = _Stages(run, ledger, call, device, params.stages, resume is not None, map_builds, runs)
     try:
         trained, exported, precision, engine = _build(stage, recipe, params, run)
         deployed, served, benchmark = _serve(stage, recipe, params, run, endpoint, trained, precision)
@@ -353,10 +361,10 @@ def _served_check(
 
 
 def _finish(run: RunDir, summary: RunSummary, ledger_markdown: str, publish: Callable[[str], None] | None) -> None:
-    run.update(status="completed", ledger=summary.ledger)
     markdown = render_report(summary) + "\n## Compute and energy ledger\n\n" + ledger_markdown
     atomic_write_text(run.report, markdown)
     atomic_write_json(run.summary, summary.model_dump(mode="json"))
+    run.update(status="completed", ledger=summary.ledger)  # last: with an S3 runs_dir, after every file is there
     atomic_write_json(last_run_pointer(), {"run_dir": str(run.path)})
     if publish:
         publish(markdown)
@@ -367,6 +375,9 @@ def resumable_run(run: str | Path) -> tuple[PipelineParams, RunDir]:
     left to do). Its parameters are the ones it started with."""
     if str(run) == "last":
         folder = _newest_unfinished(paths.resolve("runs"))
+    elif is_s3(run):  # another machine's run: downloaded into this one's copy of the S3 runs folder
+        store, run_id = split_run_url(str(run))
+        folder = store.download(run_id)
     else:
         folder = RunDir(paths.resolve(run) if not Path(run).is_absolute() else Path(run), create=False)
     manifest = folder.read_manifest()

@@ -175,8 +175,9 @@ ResumeOption = Annotated[
         "--resume",
         metavar="RUN",
         show_default=False,
-        help="Continue a failed or killed run in its own folder (a run folder, or `last`: the newest unfinished "
-        "one); its completed stages are reused after their sha256 are checked, training resumes from its checkpoint.",
+        help="Continue a failed or killed run in its own folder (a run folder, `last`: the newest unfinished "
+        "one, or s3://bucket/prefix/RUN_ID of an S3 runs_dir); its completed stages are reused after their sha256 "
+        "are checked, training resumes from its checkpoint.",
     ),
 ]
 
