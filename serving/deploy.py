@@ -13,10 +13,10 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.results import StageOutput, StageResult, Status, timed
-from serving import rollout
+from serving import client, rollout
 from serving.repository import ServingConfig
 from serving.rollout import NewVersion, ReplicaRollout
-from serving.targets import Target, open_target
+from serving.targets import Pointer, Target, open_target
 from serving.triton import Endpoint
 
 
@@ -73,6 +73,8 @@ def deploy(
         target = open_target(repository_path)
         if endpoint is not None:
             _require_same_repository(target, endpoint)
+        # what the repository serves now, put back if the rollout fails (a deploy that fails changes nothing)
+        before = [target.pointer(name) for name in (*(f"{model}-{d.name}" for d in deployables), model)]
         deployed = {}
         # the tensors of every variant are FP32's: read from its ONNX file for models that are not ONNX (IR, .pt2)
         interface = next((d.onnx_path for d in deployables if d.onnx_path.endswith(".onnx")), None)
@@ -101,7 +103,10 @@ def deploy(
             repository=target.url,
         )
         if endpoint is not None:
-            output = _load(output, endpoint, target, deployables, serving, interface)
+            try:
+                output = _load(output, endpoint, target, deployables, serving, interface)
+            except rollout.RolloutError as error:
+                raise rollout.RolloutError(f"{error}\n{_roll_back(target, before, output, endpoint)}") from error
     return StageResult(stage="deploy", status=Status.OK, seconds=clock["seconds"], output=output)
 
 
@@ -178,3 +183,35 @@ def _load(
             "replicas": rolled,
         }
     )
+
+
+def _roll_back(target: Target, before: list[Pointer], output: DeployOutput, endpoint: Endpoint) -> str:
+    """After a failed rollout: the repository names the versions it served before the deploy again, and every
+    replica is asked to load them, so replicas that took the new version go back and a replica that restarts later
+    loads the old one too. Returns what was done, for the error message; a failure here is reported, not raised
+    over the rollout's own error."""
+    new = {entry.model: entry.version for entry in [*output.variants.values(), output]}
+    changed = [p for p in before if p.version is not None and new.get(p.model) != p.version]
+    fresh = [p.model for p in before if p.version is None]
+    problems: list[str] = []
+    for pointer in changed:
+        try:
+            target.restore(pointer)
+        except Exception as error:
+            problems.append(f"the repository's config of '{pointer.model}' was not restored: {error}")
+    for replica in endpoint.every():
+        for pointer in changed:
+            try:
+                ready = client.load_model(
+                    replica.http, pointer.model, admin_key=endpoint.admin_key or replica.admin_key
+                )
+            except Exception as error:
+                problems.append(f"{replica.http} did not reload '{pointer.model}': {str(error).strip()}")
+                continue
+            if ready != str(pointer.version):
+                problems.append(f"{replica.http} serves '{pointer.model}' v{ready}, not v{pointer.version}")
+    restored = ", ".join(f"{p.model} v{p.version}" for p in changed) or "nothing"
+    text = f"Rolled back: the repository serves {restored} again, and every replica was asked to load it"
+    if fresh:
+        text += f"; new models ({', '.join(fresh)}) stay in the repository, with nothing older to go back to"
+    return text + (". Not done: " + "; ".join(problems) + "." if problems else ".")

@@ -10,7 +10,9 @@ When every replica serves the new variants, the alias is loaded on each.
 
 A replica that cannot be reached, fails a load or fails its check stops the rollout with `RolloutError`, which
 names the replica, the reason and where every replica stands: those not reached yet keep serving what they served,
-and so does the failing one (Triton keeps a version whose successor failed to load); the alias is not moved.
+and so does the failing one (Triton keeps a version whose successor failed to load); the alias is not moved. The
+deploy stage then rolls back (`serving/deploy.py`): the repository names the old versions again and every replica
+reloads them.
 """
 
 from __future__ import annotations

@@ -312,6 +312,25 @@ def _commit(store: Store, model: str, version: int, config: mc.ModelConfig) -> b
     raise RepositoryError(f"s3://{store.location.bucket}/{key} kept changing; version {version} is not served")
 
 
+def restore_config(location: S3Location, model: str, text: str) -> None:
+    """Put back `<model>/config.pbtxt` as it was before a deploy (`text`, naming the version served then), after a
+    rollout that failed; If-Match on the config read now, so a deploy that committed meanwhile is not undone."""
+    store = Store(location)
+    key = location.key(check_model_name(model), CONFIG)
+    current = store.get(key)
+    if current is not None and current.body.decode("utf-8") == text:
+        return
+    written = (
+        store.put(key, text.encode("utf-8"), if_match=current.etag)
+        if current is not None
+        else store.put(key, text.encode("utf-8"), if_none_match=True)
+    )
+    if written is None:
+        raise RepositoryError(
+            f"s3://{location.bucket}/{key} changed while rolling back (another deploy?); it was not restored"
+        )
+
+
 def ensure_repository(location: S3Location) -> None:
     """Make `location` a path Triton starts on before any model is published: Triton refuses an S3 path with no
     object under it ("repository path is not a valid directory"). A file at the root: Triton lists no model."""

@@ -20,10 +20,20 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from core import paths
+from core.files import atomic_write_text
 from serving import client, repository, s3_repository
 from serving.repository import ServingConfig, VersionResult
 from serving.s3_repository import S3Location
 from serving.triton import is_s3_url
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What the repository serves of a model: a version and the config naming it (None, None: no such model)."""
+
+    model: str
+    version: int | None
+    config: str | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,23 @@ class LocalTarget:
 
     def remove_model(self, model: str) -> None:
         shutil.rmtree(repository.model_dir(self.folder, model), ignore_errors=True)
+
+    def pointer(self, model: str) -> Pointer:
+        folder = repository.model_dir(self.folder, model)
+        numbers, config = repository.versions(folder) if folder.is_dir() else [], folder / "config.pbtxt"
+        if not numbers or not config.is_file():
+            return Pointer(model, None, None)
+        return Pointer(model, _loaded_by(config.read_text(encoding="utf-8"), numbers), config.read_text("utf-8"))
+
+    def restore(self, before: Pointer) -> None:
+        """Make the repository serve `before.version` again: its config, naming that version alone (the newer
+        version folder stays, for the post-mortem; a later deploy writes a new number)."""
+        config = repository.parse_config(before.config or "")
+        config.version_policy.Clear()
+        config.version_policy.specific.versions.append(before.version or 0)
+        atomic_write_text(
+            repository.model_dir(self.folder, before.model) / "config.pbtxt", repository.config_text(config)
+        )
 
     def load(self, url: str, model: str, admin_key: str | None = None) -> str:
         return client.load_model(url, model, admin_key=admin_key)
@@ -129,6 +156,16 @@ class S3Target:
     def remove_model(self, model: str) -> None:
         s3_repository.delete_model(self.location, model)
 
+    def pointer(self, model: str) -> Pointer:
+        version = s3_repository.served_version(self.location, model)
+        if version is None:
+            return Pointer(model, None, None)
+        return Pointer(model, version, repository.config_text(s3_repository.read_config(self.location, model)))
+
+    def restore(self, before: Pointer) -> None:
+        """Put the model's config back as it was: it names `before.version` (S3 configs always name one)."""
+        s3_repository.restore_config(self.location, before.model, before.config or "")
+
     def load(self, url: str, model: str, admin_key: str | None = None) -> str:
         """Re-read the served version against its manifest, then load it (a changed file is never loaded)."""
         return s3_repository.load_verified(self.location, model, url, admin_key)
@@ -171,6 +208,13 @@ def open_target(repository_path: str | Path) -> Target:
 
 def _written(version: VersionResult) -> Written:
     return Written(version.model_name, version.version, str(version.path), version.reused)
+
+
+def _loaded_by(config_text: str, numbers: list[int]) -> int | None:
+    """The version a config lets Triton load of `numbers`: the one it names, else the newest."""
+    policy = repository.parse_config(config_text).version_policy
+    named = [n for n in policy.specific.versions if n in numbers] if policy.HasField("specific") else []
+    return max(named) if named else numbers[-1]
 
 
 def _alias_target(config) -> str | None:

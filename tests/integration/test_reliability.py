@@ -161,6 +161,28 @@ def test_a_corrupt_version_fails_to_load_and_the_previous_one_keeps_serving(lock
     shutil.rmtree(bad.path)  # leave the repository as the other tests expect it
 
 
+def test_a_deploy_whose_load_fails_is_rolled_back_so_a_restart_loads_the_old_version_too(locked, onnx_file):
+    """Triton keeps the old version when the new one fails to load; the repository must say so too, or the next
+    restart would load the broken version."""
+    from serving.deploy import Deployable, deploy
+    from serving.rollout import RolloutError
+
+    endpoint, fp32 = locked.endpoint(), [Deployable("fp32", onnx_file)]
+    deploy(locked.repository, "rollback", fp32, "fp32", SERVING, {}, endpoint)  # v1, served
+    broken = dataclasses.replace(_new_config(), instance_kind="gpu")  # no GPU here: the load fails
+    with pytest.raises(RolloutError, match="Rolled back: the repository serves rollback-fp32 v1 again") as caught:
+        deploy(locked.repository, "rollback", fp32, "fp32", broken, {}, endpoint)
+    assert "Not done" not in str(caught.value)
+    config = repository.read_config(locked.repository, "rollback-fp32")
+    assert list(config.version_policy.specific.versions) == [1]  # the v2 folder stays for the post-mortem
+    assert repository.versions(Path(locked.repository) / "rollback-fp32") == [1, 2]
+    states = {
+        e["version"]: e.get("state") for e in client.model_states(locked.http_url, KEY) if e["name"] == "rollback-fp32"
+    }
+    assert states["1"] == "READY" and states.get("2") != "READY"
+    assert client.infer(locked.http_url, "rollback", GOOD)["logits"].shape == (1, 256)
+
+
 # 5. A deployment killed midway leaves no numbered version; the next write cleans up -----------------------------
 KILLED_WRITER = """
 import shutil, sys, time

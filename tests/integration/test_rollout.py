@@ -1,6 +1,7 @@
 """Rolling deploys over two real Triton replicas that read one S3 repository (moto): zero failed requests under
 load while the new version rolls replica by replica, every answer checked; a replica that fails to load stops the
-rollout and the others keep serving; a replica killed mid-rollout is named."""
+rollout and the others keep serving; a replica killed mid-rollout is named; a failed rollout is rolled back (the
+repository names the old version again and the replicas that moved go back)."""
 
 from __future__ import annotations
 
@@ -138,6 +139,8 @@ def test_a_replica_that_fails_to_load_stops_the_rollout_and_every_replica_keeps_
     assert message.startswith(f"rollout of 'digits' stopped at replica 1 of 2 ({first.http_url}): ")
     assert "failed to load model 'digits-fp32'" in message and "GPU" in message, message
     assert "No replica serves digits-fp32 v3; replica 1 and those after it still serve" in message
+    assert "Rolled back: the repository serves digits-fp32 v2 again" in message and "Not done" not in message
+    assert s3_repository.served_version(replicas.location, "digits-fp32") == 2  # a restarted replica loads v2
     for server in (first, second):
         assert _ready(server, "digits-fp32") == ["2"]  # the failing one kept its version; the other was not touched
         _answers_like(server, models, "b")
@@ -172,5 +175,9 @@ def test_a_replica_killed_during_a_rollout_is_named_and_the_one_that_moved_serve
     assert f"Triton at {second.http_url} is not answering" in message
     assert f"Replicas 1 ({first.http_url}) serve the new variants (digits-fp32 v5)" in message
     assert "`tes up` restarts a replica that is gone" in message
-    assert _ready(first, "digits-fp32") == ["5"]
-    _answers_like(first, models, "b")
+    # the deploy failed, so it changed nothing: the replica that moved went back, and the repository names v4
+    assert "Rolled back: the repository serves digits-fp32 v4 again" in message
+    assert f"Not done: {second.http_url} did not reload 'digits-fp32'" in message
+    assert s3_repository.served_version(replicas.location, "digits-fp32") == 4
+    assert _ready(first, "digits-fp32") == ["4"]
+    _answers_like(first, models, "a")
