@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from core import paths
+from core.errors import RepositoryError
 from core.files import atomic_write_text
 from serving import client, repository, s3_repository
 from serving.repository import ServingConfig, VersionResult
@@ -82,6 +83,11 @@ class LocalTarget:
 
     def remove_model(self, model: str) -> None:
         shutil.rmtree(repository.model_dir(self.folder, model), ignore_errors=True)
+
+    def provenance(self, model: str) -> tuple[dict, str]:
+        """(what the version behind `model` was made from, where that version is); an alias is followed."""
+        found, version_dir = repository.newest_provenance(self.folder, model)
+        return found, str(version_dir)
 
     def pointer(self, model: str) -> Pointer:
         folder = repository.model_dir(self.folder, model)
@@ -155,6 +161,19 @@ class S3Target:
 
     def remove_model(self, model: str) -> None:
         s3_repository.delete_model(self.location, model)
+
+    def provenance(self, model: str) -> tuple[dict, str]:
+        """(what the served version behind `model` was made from, where it is), from its manifest alone."""
+        if s3_repository.served_version(self.location, model) is None:
+            raise RepositoryError(f"model '{model}' has no served version in {self.location}; deploy it first")
+        behind = _alias_target(s3_repository.read_config(self.location, model)) or model
+        version = s3_repository.served_version(self.location, behind)
+        if version is None:
+            raise RepositoryError(
+                f"model '{model}' forwards to '{behind}', which has no served version in {self.location}"
+            )
+        manifest = s3_repository.read_manifest(self.location, behind, version)
+        return manifest.get("provenance", {}), self._path(behind, version)
 
     def pointer(self, model: str) -> Pointer:
         version = s3_repository.served_version(self.location, model)

@@ -20,12 +20,13 @@ ModelArgument = Annotated[
 
 
 def recipe_of_model(model: str):
-    """The recipe that produced the newest version of `model` in the project's repository."""
-    from core import paths
+    """The recipe that produced the served version of `model` in the stack's repository (a folder or S3), else the
+    project's `model_repository`."""
+    from flows import stack
     from recipes import build_recipe
-    from serving.repository import newest_provenance
+    from serving.targets import open_target
 
-    provenance, version_dir = newest_provenance(paths.resolve("model_repository"), model)
+    provenance, version_dir = open_target(stack.repository() or stack.DEFAULT_REPOSITORY).provenance(model)
     if "recipe" not in provenance:
         raise RepositoryError(f"{version_dir} does not record the recipe it was made with; deploy it again (tes run)")
     return build_recipe(provenance["recipe"], provenance.get("options", {}))

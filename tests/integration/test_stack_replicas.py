@@ -105,6 +105,12 @@ def test_a_deploy_rolls_over_both_replicas_and_status_shows_each_one(home, tmp_p
     }
 
 
+def test_infer_finds_the_recipe_of_a_model_in_the_s3_repository(home):
+    code, out, err = tes("infer", "digits", "--sample", "3", "--protocol", "grpc")
+    assert code == 0, out + err
+    assert "logits: shape [1, 10]" in out and "p=" in out
+
+
 def test_bench_spreads_its_load_over_every_replica_and_reads_the_model_from_s3(home, tmp_path):
     code, out, err = tes("bench", "digits", "--protocol", "grpc", "--concurrency", "2", "--out", str(tmp_path))
     assert code == 0, out + err
