@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.files import model_companions  # noqa: E402
 from core.runtimes import open_session, runtime_of, settings_candidates  # noqa: E402
-from export import quantize  # noqa: E402
+from export import dynamic_quant, quantize  # noqa: E402
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
 from recipes import build_recipe  # noqa: E402
 from serving import client, triton  # noqa: E402
@@ -304,7 +304,7 @@ def run_size(size: str, work: Path) -> dict:
         with stages.stage("timing fp32"):
             timing.run(_fp32_runners(paths["fp32"]))
     with stages.stage("int8-dynamic"):
-        paths["int8-dynamic"] = quantize.build_int8_dynamic(paths["fp32"], work)
+        paths["int8-dynamic"] = dynamic_quant.build_int8_dynamic(paths["fp32"], work)
     with stages.stage("openvino-int8"):
         calibration = recipe.calibration_inputs(32 if interleaved else 8)
         paths["openvino-int8"] = quantize.build_int8_static(

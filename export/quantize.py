@@ -10,11 +10,10 @@ too: one `<variant>.onnx.data` beside each graph, written before it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -24,13 +23,13 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
-    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import ExportError, VariantSkipped
-from core.files import atomic_write_with_companions, onnx_data_files
+from core.files import atomic_write_with_companions
+from export.dynamic_quant import build_int8_dynamic, has_external_data, quiet_root_logger  # noqa: F401 (TEMP)
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +65,6 @@ class _Batches(CalibrationDataReader):
         self._iterator = iter(self._batches)
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """The quantizer warns on the root logger once per 1-D weight that per-channel axis 1 does not apply
-    (LayerNorm scales): noise for our users, so it is held back while it runs."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
-def has_external_data(onnx_path: Path) -> bool:
-    return bool(onnx_data_files(onnx_path))
-
-
 def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:
     """`model` to `path`; with `external`, its tensors in one `<name>.onnx.data` beside it (past 2 GB a protobuf
     cannot hold them). Saving externally empties `model`'s tensors: it is for a model about to be dropped."""
@@ -110,23 +92,6 @@ def preprocess(fp32_path: Path, out_dir: Path) -> Path:
                 save_as_external_data=external,
                 all_tensors_to_one_file=True,
                 external_data_location=f"{target.name}.data",
-            ),
-        )
-    return target
-
-
-def build_int8_dynamic(fp32_path: Path, out_dir: Path, per_channel: bool = False, exclude: Iterable[str] = ()) -> Path:
-    target = out_dir / "int8-dynamic.onnx"
-    with _quiet_root_logger():
-        atomic_write_with_companions(
-            target,
-            lambda tmp: quantize_dynamic(
-                str(fp32_path),
-                str(tmp),
-                weight_type=QuantType.QInt8,
-                per_channel=per_channel,
-                nodes_to_exclude=list(exclude),
-                use_external_data_format=has_external_data(fp32_path),  # as `<its output's name>.data`
             ),
         )
     return target
@@ -235,7 +200,7 @@ def build_int8_static(
         overrides = activation_overrides(preprocessed, nodes, calibration)
         if overrides:
             extra["TensorQuantOverrides"] = overrides
-    with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix=f".{name}-calibration-", dir=out_dir) as scratch:
+    with quiet_root_logger(), tempfile.TemporaryDirectory(prefix=f".{name}-calibration-", dir=out_dir) as scratch:
         ranges = calibrate(preprocessed, calibration, method, op_types, Path(scratch))
         atomic_write_with_companions(
             target,
@@ -321,7 +286,7 @@ def qdq_drift(
     )
 
     float_model = preprocess(fp32_path, out_dir)
-    with tempfile.TemporaryDirectory() as scratch, _quiet_root_logger():
+    with tempfile.TemporaryDirectory() as scratch, quiet_root_logger():
         float_aug, qdq_aug = Path(scratch) / "float.onnx", Path(scratch) / "qdq.onnx"
         modify_model_output_intermediate_tensors(
             str(float_model), str(float_aug), save_as_external_data=has_external_data(float_model)

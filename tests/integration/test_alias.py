@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from core.runtimes import open_session
+from export.dynamic_quant import build_int8_dynamic
 from export.onnx_export import ExportConfig, export_onnx
-from export.quantize import build_int8_dynamic
 from recipes import build_recipe
 from serving import client, repository
 from serving.repository import ServingConfig
