@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.runtimes import open_session  # noqa: E402
+from export.gates import settings_cell  # noqa: E402
 from export.onnx_export import ExportConfig, export_onnx  # noqa: E402
-from export.variants import PrecisionConfig, build_and_score, settings_cell  # noqa: E402
+from export.variants import PrecisionConfig, build_and_score  # noqa: E402
 from recipes import build_recipe  # noqa: E402
 from recipes.evaluation import load_trained  # noqa: E402
 from training.loop import TrainingConfig, train  # noqa: E402

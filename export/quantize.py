@@ -29,7 +29,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import ExportError, VariantSkipped
 from core.files import atomic_write_with_companions
-from export.dynamic_quant import build_int8_dynamic, has_external_data, quiet_root_logger  # noqa: F401 (TEMP)
+from export.dynamic_quant import has_external_data, quiet_root_logger
 
 log = logging.getLogger(__name__)
 

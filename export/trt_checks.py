@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.variants import PrecisionConfig, VariantReport, accuracy_gate, speed_gate
+from export.gates import accuracy_gate, speed_gate
+from export.variants import PrecisionConfig, VariantReport
 from recipes import Recipe
 
 

@@ -22,9 +22,10 @@ from accounting.ledger import Prices
 from bench.stage import BenchmarkOptions, run_benchmark
 from core.errors import ServerError
 from core.results import StageResult
+from export.gates import table_header, table_rows
 from export.onnx_export import ExportConfig
 from export.trt_engine import EngineConfig
-from export.variants import PrecisionConfig, table_header, table_rows
+from export.variants import PrecisionConfig
 from flows import stack
 from flows.params import (
     MODEL_NAME_PATTERN,

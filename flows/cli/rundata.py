@@ -14,7 +14,7 @@ from typing import Any
 
 from core.errors import TesError
 from core.results import RunDir, find_run
-from export.variants import table_header, table_rows
+from export.gates import table_header, table_rows
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def run_parameters(run: str | None = None):
 
 # --- precision variants -------------------------------------------------------------------------------------------
 def variants_view(run: str | None = None) -> TableView:
-    """Every precision variant of a run, one row each, as `export.variants.render_table` has them in markdown."""
+    """Every precision variant of a run, one row each, as `export.gates.render_table` has them in markdown."""
     run_summary = summary(run)
     precision = run_summary.precision
     if not precision.ok or precision.output is None:

@@ -17,22 +17,19 @@ import pytest
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from core.errors import RepositoryError
+from core.errors import EngineMismatch, RepositoryError
 from core.files import sha256_file
 from export.onnx_export import ExportConfig, export_onnx
 from recipes import build_recipe
-from serving.native_repository import (
-    EngineMismatch,
-    EngineTarget,
+from serving.native_configs import (
     check_engine,
     engine_problems,
-    export_repository,
     onnx_config,
     openvino_backend_config,
     plan_config,
     validate,
-    write_native_version,
 )
+from serving.native_repository import EngineTarget, export_repository, write_native_version
 from serving.repository import ServingConfig, config_text, parse_config, read_config
 from tests.conftest import TINY_GPT
 

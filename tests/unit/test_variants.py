@@ -6,10 +6,11 @@ import torch
 
 from core.runtimes import Speed, measure_speed, open_session, openvino_has_bf16
 from export import variants
+from export.gates import select, speed_gate
 from export.onnx_export import ExportConfig, export_onnx
 from export.quantize import ALL_VARIANTS, build_int8_static, quantized_nodes
 from export.torch_variants import build_torch_variant
-from export.variants import PrecisionConfig, PrecisionOutput, VariantReport, build_and_score, select, speed_gate
+from export.variants import PrecisionConfig, PrecisionOutput, VariantReport, build_and_score
 from flows.pipeline import _deployables
 from recipes import build_recipe
 from recipes.evaluation import load_trained
