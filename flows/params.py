@@ -60,6 +60,13 @@ class ServingParams(BaseModel):
     )
     intra_op_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime threads per instance; 0: its default")
     load: bool = Field(True, description="load the new version into the running Triton (tes up) when there is one")
+    keep_versions: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="after a deploy, delete all but this many newest versions of each model (never the served one); "
+        "0 keeps all. Triton downloads every version folder of a model from S3 at each load",
+    )
     triton_url: str | None = Field(
         None, description="host:port of Triton's HTTP endpoint; None: the one `tes up` started"
     )

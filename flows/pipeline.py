@@ -309,6 +309,7 @@ def _serve(
         provenance,
         endpoint,
         not_loaded,
+        params.serving.keep_versions,
     )
     weights = trained.output.weights if trained.output else None
     served = stage("served_check", _served_check, recipe, selection, deployed.output, weights)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from core.results import StageResult
-from export.variants import render_table
+from export.gates import render_table
 
 if TYPE_CHECKING:
     from flows.pipeline import RunSummary
@@ -136,7 +136,12 @@ def _stage_note(stage: StageResult) -> str:
     if stage.stage == "deploy":
         loaded = f"loaded, READY version {out.ready_version}" if out.loaded else f"not loaded: {out.load_skipped}"
         models = ", ".join(f"`{v.model}` v{v.version}" for v in out.variants.values())
-        return f"`{out.model}` version {out.version} -> `{out.selected}`; {loaded}; variants {models}"
+        pruned = "; ".join(f"`{m}` v{', v'.join(map(str, numbers))}" for m, numbers in out.pruned.items())
+        return (
+            f"`{out.model}` version {out.version} -> `{out.selected}`; {loaded}; variants {models}"
+            + (f"; old versions deleted: {pruned}" if pruned else "")
+            + "".join(f"; {problem}" for problem in out.prune_problems)
+        )
     if stage.stage == "precision":
         return f"accepted {', '.join(v.name for v in out.accepted)}; serving `{out.selected}`"
     if stage.stage == "train":

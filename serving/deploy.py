@@ -55,6 +55,8 @@ class DeployOutput(StageOutput):
     triton_grpc: str | None = None
     repository: str = ""  # the folder or the s3:// URL the versions went to
     replicas: list[ReplicaRollout] = []  # each replica, in rollout order: what it serves, how it was checked
+    pruned: dict[str, list[int]] = {}  # model -> versions deleted after the deploy (serving.keep_versions)
+    prune_problems: list[str] = []  # housekeeping that failed (the deploy itself succeeded)
 
 
 def deploy(
@@ -66,9 +68,11 @@ def deploy(
     provenance: dict,
     endpoint: Endpoint | None,
     load_skipped: str = "",
+    keep_versions: int = 0,
 ) -> StageResult[DeployOutput]:
     """Write every deployable and the alias into the repository (a folder, relative to the project home, or an
-    `s3://` URL); load them into `endpoint` and its replicas when there is one (else `load_skipped` says why not)."""
+    `s3://` URL); load them into `endpoint` and its replicas when there is one (else `load_skipped` says why not).
+    Then, with `keep_versions`, delete all but the newest that many versions of each (and the served one)."""
     with timed() as clock:
         target = open_target(repository_path)
         if endpoint is not None:
@@ -107,6 +111,8 @@ def deploy(
                 output = _load(output, endpoint, target, deployables, serving, interface)
             except rollout.RolloutError as error:
                 raise rollout.RolloutError(f"{error}\n{_roll_back(target, before, output, endpoint)}") from error
+        if keep_versions:
+            output = _prune(target, output, keep_versions)
     return StageResult(stage="deploy", status=Status.OK, seconds=clock["seconds"], output=output)
 
 
@@ -183,6 +189,19 @@ def _load(
             "replicas": rolled,
         }
     )
+
+
+def _prune(target: Target, output: DeployOutput, keep: int) -> DeployOutput:
+    pruned, problems = {}, []
+    for model in [*(entry.model for entry in output.variants.values()), output.model]:
+        try:
+            deleted = target.prune(model, keep)
+        except Exception as error:  # housekeeping: the deploy itself is done
+            problems.append(f"old versions of '{model}' were not deleted: {error}")
+            continue
+        if deleted:
+            pruned[model] = deleted
+    return output.model_copy(update={"pruned": pruned, "prune_problems": problems})
 
 
 def _roll_back(target: Target, before: list[Pointer], output: DeployOutput, endpoint: Endpoint) -> str:

@@ -312,6 +312,20 @@ def _commit(store: Store, model: str, version: int, config: mc.ModelConfig) -> b
     raise RepositoryError(f"s3://{store.location.bucket}/{key} kept changing; version {version} is not served")
 
 
+def delete_versions(location: S3Location, model: str, numbers: list[int]) -> None:
+    """Delete whole versions of `model`, each manifest first: a version caught half deleted has no manifest, so it is
+    incomplete (never loaded, cleaned up by the next publish once its claim's lease has run out)."""
+    store = Store(location)
+    for number in numbers:
+        prefix = location.key(check_model_name(model), number) + "/"
+        objects, _ = store.list(prefix)
+        keys = [entry["Key"] for entry in objects]
+        manifest = prefix + VERSION_MANIFEST
+        if manifest in keys:
+            store.delete([manifest])
+        store.delete([key for key in keys if key != manifest])
+
+
 def restore_config(location: S3Location, model: str, text: str) -> None:
     """Put back `<model>/config.pbtxt` as it was before a deploy (`text`, naming the version served then), after a
     rollout that failed; If-Match on the config read now, so a deploy that committed meanwhile is not undone."""

@@ -96,6 +96,19 @@ class LocalTarget:
             return Pointer(model, None, None)
         return Pointer(model, _loaded_by(config.read_text(encoding="utf-8"), numbers), config.read_text("utf-8"))
 
+    def prune(self, model: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` versions of `model` and the one its config names; returns the deleted.
+        Each goes out of sight first (renamed to a staging name the writer cleans up), then is removed."""
+        folder = repository.model_dir(self.folder, model)
+        numbers = repository.versions(folder) if folder.is_dir() else []
+        served = self.pointer(model).version
+        doomed = [n for n in numbers[: max(len(numbers) - keep, 0)] if n != served]
+        for number in doomed:
+            hidden = folder / f"{repository.STAGING_PREFIX}deleting-{number}"
+            (folder / str(number)).rename(hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
+        return doomed
+
     def restore(self, before: Pointer) -> None:
         """Make the repository serve `before.version` again: its config, naming that version alone (the newer
         version folder stays, for the post-mortem; a later deploy writes a new number)."""
@@ -180,6 +193,15 @@ class S3Target:
         if version is None:
             return Pointer(model, None, None)
         return Pointer(model, version, repository.config_text(s3_repository.read_config(self.location, model)))
+
+    def prune(self, model: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` complete versions of `model` and the served one (Triton downloads every
+        version folder of a model at each load); returns the deleted."""
+        numbers = s3_repository.list_versions(self.location, model)
+        served = s3_repository.served_version(self.location, model)
+        doomed = [n for n in numbers[: max(len(numbers) - keep, 0)] if n != served]
+        s3_repository.delete_versions(self.location, model, doomed)
+        return doomed
 
     def restore(self, before: Pointer) -> None:
         """Put the model's config back as it was: it names `before.version` (S3 configs always name one)."""

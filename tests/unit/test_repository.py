@@ -118,3 +118,19 @@ def test_batched_config_needs_a_dynamic_batch_axis(tmp_path: Path):
         write_version(tmp_path / "repo", "fixed", path, ServingConfig(max_batch_size=4))
     result = write_version(tmp_path / "repo", "fixed", path, ServingConfig(max_batch_size=0))
     assert list(parse_config(result.config_path.read_text()).input[0].dims) == [4, 3]
+
+
+def test_a_deploy_keeps_the_newest_versions_and_the_served_one(tmp_path: Path, onnx_files):
+    from serving.deploy import Deployable, deploy
+    from serving.targets import LocalTarget, Pointer
+
+    onnx = [Deployable("fp32", onnx_files["digits-cnn"])]
+    for count in (1, 2, 3, 4):  # a config unlike the last: a new version each time
+        deployed = deploy(tmp_path, "d", onnx, "fp32", ServingConfig(instance_count=count), {}, None, keep_versions=2)
+    assert repository.versions(tmp_path / "d-fp32") == [3, 4] and deployed.output.pruned == {"d-fp32": [2]}
+    assert not list((tmp_path / "d-fp32").glob(".staging-*"))
+    target = LocalTarget(tmp_path)
+    target.restore(Pointer("d-fp32", 3, (tmp_path / "d-fp32" / "config.pbtxt").read_text()))  # as after a rollback
+    assert target.prune("d-fp32", 1) == [] and repository.versions(tmp_path / "d-fp32") == [3, 4]  # 3 is served
+    deploy(tmp_path, "d", onnx, "fp32", ServingConfig(instance_count=5), {}, None, keep_versions=1)
+    assert repository.versions(tmp_path / "d-fp32") == [5]  # the new config serves the newest again
