@@ -19,6 +19,15 @@ TINY_GPT = {
     "validation_megabytes": 0.2,
 }
 TINY_DIGITS = {"channels": 8, "hidden": 32}
+# pipeline parameters of a short digits run that trains, exports and builds two variants, without Triton
+TINY_DIGITS_RUN = {
+    "recipe": "digits-cnn",
+    "digits_cnn": TINY_DIGITS,
+    "training": {"steps": 30, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 64},
+    "precision": {"variants": ["fp32", "int8-static"], "calibration_samples": 32, "score_samples": 64},
+    "benchmark": {"enabled": False},
+    "serving": {"load": False},
+}
 
 
 @pytest.fixture(scope="session", autouse=True)

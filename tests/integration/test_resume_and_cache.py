@@ -21,18 +21,11 @@ import torch
 from core.errors import StageTimeout
 from flows.params import parse_params
 from flows.pipeline import run_pipeline
-from tests.conftest import TINY_DIGITS, TINY_GPT
+from tests.conftest import TINY_DIGITS_RUN, TINY_GPT
 
 pytestmark = pytest.mark.integration
 
-DIGITS = {
-    "recipe": "digits-cnn",
-    "digits_cnn": TINY_DIGITS,
-    "training": {"steps": 30, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 64},
-    "precision": {"variants": ["fp32", "int8-static"], "calibration_samples": 32, "score_samples": 64},
-    "benchmark": {"enabled": False},
-    "serving": {"load": False},
-}
+DIGITS = TINY_DIGITS_RUN
 
 
 def _params(tmp_path: Path, **changes):

@@ -14,18 +14,11 @@ from core.files import sha256_file
 from flows import pipeline
 from flows.params import parse_params
 from flows.pipeline import resumable_run, run_pipeline
-from tests.conftest import TINY_DIGITS
+from tests.conftest import TINY_DIGITS_RUN
 
 pytestmark = pytest.mark.integration
 
-DIGITS = {
-    "recipe": "digits-cnn",
-    "digits_cnn": TINY_DIGITS,
-    "training": {"steps": 30, "learning_rate": 1e-2, "eval_every": 1000, "eval_samples": 64},
-    "precision": {"variants": ["fp32", "int8-dynamic"], "calibration_samples": 32, "score_samples": 64},
-    "benchmark": {"enabled": False},
-    "serving": {"load": False},
-}
+DIGITS = {**TINY_DIGITS_RUN, "precision": {**TINY_DIGITS_RUN["precision"], "variants": ["fp32", "int8-dynamic"]}}
 
 
 def _objects(s3, prefix: str) -> dict[str, bytes]:
