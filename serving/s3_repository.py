@@ -47,7 +47,7 @@ from pathlib import Path
 import boto3
 from tritonclient.grpc import model_config_pb2 as mc
 
-from core.errors import ChecksumError, RepositoryError
+from core.errors import ChecksumError, RepositoryError, ServerError
 from core.files import atomic_write_text
 from serving import client, repository
 from serving.repository import VERSION_MANIFEST, check_model_name, config_text, parse_config
@@ -292,14 +292,29 @@ def _served_by(config: mc.ModelConfig) -> int | None:
     return max(versions) if versions else None
 
 
+def wait_past_newest_write(store: Store, model: str, timeout_s: float = 5.0) -> None:
+    """Until the store's clock has left the second of the newest object under `<model>/`. Triton stamps a loaded
+    model with the newest Last-Modified in its folder (whole seconds on S3) and answers a load whose stamp did not
+    grow with success, loading nothing: a config written within that second would never be loaded."""
+    prefix = store.location.key(model) + "/"
+    objects, now = store.list(prefix)
+    newest = max((entry["LastModified"] for entry in objects), default=None)
+    deadline = time.monotonic() + timeout_s
+    while newest is not None and now <= newest and time.monotonic() < deadline:
+        time.sleep(0.1)
+        _, now = store.list(prefix)
+
+
 def _commit(store: Store, model: str, version: int, config: mc.ModelConfig) -> bool:
-    """Point `<model>/config.pbtxt` at `version` unless it names a newer one; False when it does."""
+    """Point `<model>/config.pbtxt` at `version` unless it names a newer one; False when it does. Written in a later
+    second than anything else of the model (`wait_past_newest_write`), so Triton sees the change."""
     serving = mc.ModelConfig()
     serving.CopyFrom(config)
     serving.version_policy.Clear()
     serving.version_policy.specific.versions.append(version)
     text, key = config_text(serving).encode(), store.location.key(model, CONFIG)
     for _ in range(50):
+        wait_past_newest_write(store, model)
         current = store.get(key)
         if current is None:
             etag = store.put(key, text, if_none_match=True)
@@ -334,6 +349,7 @@ def restore_config(location: S3Location, model: str, text: str) -> None:
     current = store.get(key)
     if current is not None and current.body.decode("utf-8") == text:
         return
+    wait_past_newest_write(store, model)  # else Triton may take the restored config for no change
     written = (
         store.put(key, text.encode("utf-8"), if_match=current.etag)
         if current is not None
@@ -449,7 +465,20 @@ def load_verified(
     """Verify the served version of `model` against its manifest, then ask Triton to load it; returns the
     version Triton reports. A version that fails the check is never loaded: what Triton serves stays."""
     verify_version(location, model)
-    return client.load_model(server_url, model, timeout_s=timeout_s, admin_key=admin_key)
+    version = served_version(location, model)
+    client.load_model(server_url, model, timeout_s=timeout_s, admin_key=admin_key)
+    deadline, ready = time.monotonic() + 10, []
+    while time.monotonic() < deadline:  # the old version may still be listed while it unloads
+        states = client.model_states(server_url, admin_key)
+        ready = [str(s.get("version")) for s in states if s.get("name") == model and s.get("state") == "READY"]
+        if str(version) in ready:
+            return str(version)
+        time.sleep(0.1)
+    raise ServerError(
+        f"Triton at {server_url} serves version(s) {', '.join(ready) or 'none'} of '{model}' after the load, though "
+        f"{CONFIG} names {version}: Triton saw no change under s3://{location.bucket}/{location.key(model)}/ since "
+        "its last load (S3's Last-Modified counts whole seconds); load it again"
+    )
 
 
 def write_alias(
