@@ -64,4 +64,8 @@ def dask_builds(build: Callable[[str], Any], names: list[str], address: str | No
         return []
     with dask_client(address, workers) as client:
         futures = client.map(build, names, pure=False)
-        return client.gather(futures)
+        try:
+            return client.gather(futures)
+        except BaseException:  # the other builds stop too: a retry of the stage must not race them
+            client.cancel(futures, force=True)
+            raise

@@ -7,6 +7,7 @@ Each of train, export and precision has its own key, a hash of *contents*, never
 - the parameters that reach the stage (`_STAGE_PARAMS`, less the ones that cannot change what it makes);
 - the versions of the libraries that make them (torch, onnx, onnxruntime, openvino, ...);
 - the sha256 of the previous stage's artifacts (so a retrained model is re-exported, and so on down).
+- for precision, the machine (`machine_fingerprint`): its gates and runtime settings are measured there.
 
 So a change to a precision setting reuses training and export, and a change to training recomputes everything
 after it. A hit is only taken when every cached artifact still has the sha256 recorded when it was written; the
@@ -15,10 +16,13 @@ Prefect flow also hands the key to Prefect as the task's cache key, so its UI sh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import inspect
 import json
+import os
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -71,6 +75,38 @@ def _library_versions(names: Iterable[str]) -> dict[str, str]:
     return versions
 
 
+_SPEED_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What the precision stage's measurements depend on besides its inputs: the speed gates and the runtime
+    settings are timed here, and which runtimes a variant can use depends on the CPU's extensions, the GPUs and
+    ONNX Runtime's providers. Part of the precision key, so a shared cache never hands one machine's verdicts to
+    another kind of machine."""
+    cpu, flags = platform.processor(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split()) & _SPEED_FLAGS
+                break
+    import onnxruntime
+    import torch
+
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "cpu": cpu,
+        "flags": sorted(flags),
+        "cores": os.cpu_count(),
+        "gpus": gpus,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+    }
+
+
 def _recipe_source(recipe: Recipe) -> str:
     """The source file of a recipe class that lives outside this project (a user's own), hashed; '' otherwise."""
     try:
@@ -101,6 +137,8 @@ def stage_key(stage: str, params: PipelineParams, recipe: Recipe, upstream: Iter
         "libraries": _library_versions(_STAGE_LIBRARIES[stage]),
         "upstream": sorted(artifact.sha256 for artifact in upstream),
     }
+    if stage == "precision":
+        blob["machine"] = machine_fingerprint()
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -119,7 +157,10 @@ def lookup(stage: str, key: str | None, runs: RunStore | None = None) -> tuple[d
     machine's index lacks is looked up in the store, and the run that made it is downloaded."""
     if key is None:
         return None
-    found = _recorded(stage, Path(_index()[key])) if key in _index() else None
+    local = Path(_index()[key]) if key in _index() else None
+    if local is not None and runs is not None and runs.root not in local.parents:
+        local = None  # a run outside the shared store: other machines could not find its files
+    found = _recorded(stage, local) if local is not None else None
     if found is None and runs is not None:
         made_it = runs.cached_run(key, stage)
         found = _recorded(stage, made_it.path) if made_it is not None else None

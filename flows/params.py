@@ -172,6 +172,11 @@ class PipelineParams(BaseModel):
             check_model_name(self.triton_model_name)
         except Exception as error:
             problems.append(f"model_name: {error}")
+        if self.runs_dir.startswith("s3://") and self.precision.dask_address:
+            problems.append(
+                "precision.dask_address: with runs_dir on S3 the run works in a local copy that another machine's Dask "
+                "workers cannot see; use a local cluster (no dask_address) or a runs_dir on a shared file system"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -203,10 +203,13 @@ def run_pipeline(
         trained, exported, precision, engine = _build(stage, recipe, params, run)
         deployed, served, benchmark = _serve(stage, recipe, params, run, endpoint, trained, precision)
     except BaseException as error:  # the manifest must say the run failed, whatever stopped it
-        run.update(status="failed", error=f"{type(error).__name__}: {error}")
+        try:
+            run.update(status="failed", error=f"{type(error).__name__}: {error}")
+        except Exception as mirroring:  # an S3 runs_dir out of reach must not hide why the run failed
+            log.warning("the failed run's manifest was not mirrored: %s", mirroring)
         raise
     extra = accounting.enrich(ledger, recipe, params.training.batch_size, trained, precision, benchmark)
-    if params.precision.task_runner == "dask":
+    if params.precision.task_runner == "dask" and not precision.reason:  # built now, not reused
         accounting.note(ledger, "precision", _DASK_NOTE.format(params.precision.dask_address or "a local cluster"))
     ledger_files, ledger_markdown = accounting.write(ledger, extra, run.ledger_json, run.ledger_plot)
     summary = RunSummary(

@@ -61,12 +61,17 @@ class RunStore:
     def claim(self, name: str) -> RunDir:
         """A new run folder whose id no other machine has: claimed in S3 before anything else is written."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):
-            run = claim_run_dir(self.root, name)
-            body = json.dumps({"run_id": run.run_id, "host": _host()}).encode()
-            if self.store.put(self.location.key(run.run_id, CLAIM), body, if_none_match=True) is not None:
-                return self.attach(run)
-            shutil.rmtree(run.path, ignore_errors=True)  # another machine took this id: try the next
+        lost: list[RunDir] = []  # ids another machine took: kept until the end, so the next local id differs
+        try:
+            for _ in range(100):
+                run = claim_run_dir(self.root, name)
+                body = json.dumps({"run_id": run.run_id, "host": _host()}).encode()
+                if self.store.put(self.location.key(run.run_id, CLAIM), body, if_none_match=True) is not None:
+                    return self.attach(run)
+                lost.append(run)
+        finally:
+            for run in lost:
+                shutil.rmtree(run.path, ignore_errors=True)
         raise TesError(f"could not claim a new run id in {self.location}")
 
     def attach(self, run: RunDir) -> RunDir:
@@ -129,8 +134,9 @@ class RunStore:
         return self.download(run_id, only=(stage,))
 
     def download(self, run_id: str, only: tuple[str, ...] | None = None) -> RunDir:
-        """The run's folder from S3 into the local copy (files already there with the same size are kept; the
-        stages' sha256 checks decide what is reused), its manifest's paths rewritten to this machine's."""
+        """The run's folder from S3 into the local copy, its manifest's paths rewritten to this machine's. A file
+        already there is kept only when it is a stage artifact with the sha256 the manifest records; anything else
+        (a checkpoint, a log) is downloaded again, since S3 holds the newer one."""
         base = self.location.key(run_id) + "/"
         objects, _ = self.store.list(base)
         manifest_body = self.store.get(base + MANIFEST)
@@ -140,20 +146,25 @@ class RunStore:
             )
         manifest = json.loads(manifest_body.body)
         origin = manifest.pop(ROOT_FIELD, None)
+        rewritten = _rewrite(manifest, origin, str(self.root)) if origin and origin != str(self.root) else manifest
+        recorded = {
+            artifact["path"]: artifact["sha256"]
+            for result in rewritten.get("stages", {}).values()
+            for artifact in result.get("artifacts", [])
+        }
         folder = self.root / run_id
         for entry in objects:
             relative = entry["Key"][len(base) :]
             if relative in (MANIFEST, CLAIM) or (only and relative.split("/")[0] not in only):
                 continue
             target = folder / relative
-            if target.is_file() and target.stat().st_size == entry["Size"]:
+            if target.is_file() and recorded.get(str(target)) == sha256_file(target):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".download.tmp")
             self.store.download(entry["Key"], partial)
             partial.replace(target)
         folder.mkdir(parents=True, exist_ok=True)
-        rewritten = _rewrite(manifest, origin, str(self.root)) if origin and origin != str(self.root) else manifest
         (folder / MANIFEST).write_text(json.dumps(rewritten, indent=2), encoding="utf-8")
         run = RunDir(folder, create=False)
         for stage, elsewhere in rewritten.get("stage_folders", {}).items():  # stages it reused from other runs

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.results import StageOutput, StageResult, Status, timed
-from serving import client, rollout
+from serving import rollout
 from serving.repository import ServingConfig
 from serving.rollout import NewVersion, ReplicaRollout
 from serving.targets import Pointer, Target, open_target
@@ -109,8 +109,12 @@ def deploy(
         if endpoint is not None:
             try:
                 output = _load(output, endpoint, target, deployables, serving, interface)
-            except rollout.RolloutError as error:
-                raise rollout.RolloutError(f"{error}\n{_roll_back(target, before, output, endpoint)}") from error
+            except Exception as error:  # a rollout stopped, or a version that failed its check before any load
+                note = _roll_back(target, before, output, endpoint)
+                if isinstance(error, rollout.RolloutError):
+                    raise rollout.RolloutError(f"{error}\n{note}") from error
+                error.add_note(note)
+                raise
         if keep_versions:
             output = _prune(target, output, keep_versions)
     return StageResult(stage="deploy", status=Status.OK, seconds=clock["seconds"], output=output)
@@ -213,24 +217,23 @@ def _roll_back(target: Target, before: list[Pointer], output: DeployOutput, endp
     changed = [p for p in before if p.version is not None and new.get(p.model) != p.version]
     fresh = [p.model for p in before if p.version is None]
     problems: list[str] = []
+    restored = []
     for pointer in changed:
         try:
-            target.restore(pointer)
+            target.restore(pointer, new[pointer.model])
         except Exception as error:
             problems.append(f"the repository's config of '{pointer.model}' was not restored: {error}")
+        else:
+            restored.append(pointer)
     for replica in endpoint.every():
-        for pointer in changed:
-            try:
-                ready = client.load_model(
-                    replica.http, pointer.model, admin_key=endpoint.admin_key or replica.admin_key
-                )
+        for pointer in restored:
+            old = rollout.NewVersion(pointer.model, pointer.version or 0)
+            try:  # until exactly the old version is READY there (the new one may still be listed while it unloads)
+                rollout.load_version(replica, old, endpoint.admin_key or replica.admin_key)
             except Exception as error:
                 problems.append(f"{replica.http} did not reload '{pointer.model}': {str(error).strip()}")
-                continue
-            if ready != str(pointer.version):
-                problems.append(f"{replica.http} serves '{pointer.model}' v{ready}, not v{pointer.version}")
-    restored = ", ".join(f"{p.model} v{p.version}" for p in changed) or "nothing"
-    text = f"Rolled back: the repository serves {restored} again, and every replica was asked to load it"
+    named = ", ".join(f"{p.model} v{p.version}" for p in restored) or "nothing"
+    text = f"Rolled back: the repository serves {named} again, and every replica was asked to load it"
     if fresh:
         text += f"; new models ({', '.join(fresh)}) stay in the repository, with nothing older to go back to"
     return text + (". Not done: " + "; ".join(problems) + "." if problems else ".")

@@ -126,14 +126,14 @@ def roll_out(
     start, done = time.monotonic(), []
     for number, replica in enumerate(replicas, 1):
         try:
-            versions = {new.model: _load(replica, new, admin_key or replica.admin_key) for new in variants}
+            versions = {new.model: load_version(replica, new, admin_key or replica.admin_key) for new in variants}
             checked = _check(replica, variants) if check else "not checked (one replica: the served check follows)"
         except Exception as error:
             raise RolloutError(_stopped(alias.model, number, replicas, variants, error, "")) from error
         done.append((versions, checked, time.monotonic() - start))
     for number, (replica, (versions, _, _)) in enumerate(zip(replicas, done), 1):
         try:
-            versions[alias.model] = _load(replica, alias, admin_key or replica.admin_key)
+            versions[alias.model] = load_version(replica, alias, admin_key or replica.admin_key)
         except Exception as error:
             raise RolloutError(_stopped(alias.model, number, replicas, variants, error, "alias")) from error
     return [
@@ -144,7 +144,7 @@ def roll_out(
     ]
 
 
-def _load(replica: Endpoint, new: NewVersion, admin_key: str | None) -> str:
+def load_version(replica: Endpoint, new: NewVersion, admin_key: str | None) -> str:
     """Load `new` on `replica` (unless it is reused and READY there already) and wait until that exact version is
     READY there."""
     if new.reused and str(new.version) in _ready_versions(replica, new.model, admin_key):

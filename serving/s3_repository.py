@@ -287,7 +287,7 @@ def _give_up(store: Store, claim: Claim, uploaded: list[str], error: BaseExcepti
         log.warning("could not abandon version %s of '%s': %s", claim.version, claim.model, cleanup_error)
 
 
-def _served_by(config: mc.ModelConfig) -> int | None:
+def served_by(config: mc.ModelConfig) -> int | None:
     versions = config.version_policy.specific.versions if config.version_policy.HasField("specific") else []
     return max(versions) if versions else None
 
@@ -318,7 +318,7 @@ def _commit(store: Store, model: str, version: int, config: mc.ModelConfig) -> b
         current = store.get(key)
         if current is None:
             etag = store.put(key, text, if_none_match=True)
-        elif (_served_by(parse_config(current.body.decode("utf-8"))) or 0) >= version:
+        elif (served_by(parse_config(current.body.decode("utf-8"))) or 0) >= version:
             return False
         else:
             etag = store.put(key, text, if_match=current.etag)
@@ -328,37 +328,39 @@ def _commit(store: Store, model: str, version: int, config: mc.ModelConfig) -> b
 
 
 def delete_versions(location: S3Location, model: str, numbers: list[int]) -> None:
-    """Delete whole versions of `model`, each manifest first: a version caught half deleted has no manifest, so it is
-    incomplete (never loaded, cleaned up by the next publish once its claim's lease has run out)."""
+    """Delete whole versions of `model`, each manifest first and its claim last: a version caught half deleted has a
+    claim but no manifest, so it is incomplete (never loaded; cleaned up by a later publish, its lease run out)."""
     store = Store(location)
     for number in numbers:
         prefix = location.key(check_model_name(model), number) + "/"
         objects, _ = store.list(prefix)
         keys = [entry["Key"] for entry in objects]
-        manifest = prefix + VERSION_MANIFEST
+        manifest, claim = prefix + VERSION_MANIFEST, prefix + CLAIM
         if manifest in keys:
             store.delete([manifest])
-        store.delete([key for key in keys if key != manifest])
+        store.delete([key for key in keys if key not in (manifest, claim)])
+        if claim in keys:
+            store.delete([claim])
 
 
-def restore_config(location: S3Location, model: str, text: str) -> None:
-    """Put back `<model>/config.pbtxt` as it was before a deploy (`text`, naming the version served then), after a
-    rollout that failed; If-Match on the config read now, so a deploy that committed meanwhile is not undone."""
+def restore_config(location: S3Location, model: str, text: str, ours: int) -> None:
+    """Put back `<model>/config.pbtxt` as it was before a deploy (`text`, naming the version served then) after its
+    rollout failed, only while the config still names `ours`, the version that deploy committed (If-Match on it): a
+    deploy that committed since is not undone. The version gone back to must still be complete."""
     store = Store(location)
     key = location.key(check_model_name(model), CONFIG)
+    old = served_by(parse_config(text))
+    if old is not None and store.get(location.key(model, old, VERSION_MANIFEST)) is None:
+        raise RepositoryError(f"version {old} of '{model}' is gone from {location} (pruned?); nothing to go back to")
     current = store.get(key)
-    if current is not None and current.body.decode("utf-8") == text:
-        return
-    wait_past_newest_write(store, model)  # else Triton may take the restored config for no change
-    written = (
-        store.put(key, text.encode("utf-8"), if_match=current.etag)
-        if current is not None
-        else store.put(key, text.encode("utf-8"), if_none_match=True)
-    )
-    if written is None:
+    if current is None or served_by(parse_config(current.body.decode("utf-8"))) != ours:
         raise RepositoryError(
-            f"s3://{location.bucket}/{key} changed while rolling back (another deploy?); it was not restored"
+            f"s3://{location.bucket}/{key} no longer names version {ours} (another deploy committed since); "
+            "it was left as it is"
         )
+    wait_past_newest_write(store, model)  # else Triton may take the restored config for no change
+    if store.put(key, text.encode("utf-8"), if_match=current.etag) is None:
+        raise RepositoryError(f"s3://{location.bucket}/{key} changed while rolling back (another deploy?); left as is")
 
 
 def ensure_repository(location: S3Location) -> None:
@@ -377,18 +379,22 @@ def list_versions(location: S3Location, model: str) -> list[int]:
     return sorted(number for number, files in folders.items() if VERSION_MANIFEST in files)
 
 
+def config_if_any(location: S3Location, model: str) -> mc.ModelConfig | None:
+    found = Store(location).get(location.key(check_model_name(model), CONFIG))
+    return parse_config(found.body.decode("utf-8")) if found is not None else None
+
+
 def read_config(location: S3Location, model: str) -> mc.ModelConfig:
-    store = Store(location)
-    found = store.get(location.key(check_model_name(model), CONFIG))
-    if found is None:
+    config = config_if_any(location, model)
+    if config is None:
         raise RepositoryError(f"model '{model}' has no {CONFIG} in {location}; publish a version first")
-    return parse_config(found.body.decode("utf-8"))
+    return config
 
 
 def served_version(location: S3Location, model: str) -> int | None:
     """The version `<model>/config.pbtxt` lets Triton load, or None when the model has no config."""
     found = Store(location).get(location.key(check_model_name(model), CONFIG))
-    return _served_by(parse_config(found.body.decode("utf-8"))) if found else None
+    return served_by(parse_config(found.body.decode("utf-8"))) if found else None
 
 
 def read_manifest(location: S3Location, model: str, version: int) -> dict:

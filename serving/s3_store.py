@@ -232,7 +232,14 @@ class Store:
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": key} for key in keys[start : start + 1000]]
             with self._errors("deleting", batch[0]["Key"]):
-                self.s3.delete_objects(Bucket=self.location.bucket, Delete={"Objects": batch, "Quiet": True})
+                answer = self.s3.delete_objects(Bucket=self.location.bucket, Delete={"Objects": batch, "Quiet": True})
+            failed = answer.get("Errors", [])  # DeleteObjects answers 200 and lists the keys it could not delete
+            if failed:
+                first = failed[0]
+                raise RepositoryError(
+                    f"deleting s3://{self.location.bucket}/{first.get('Key')}: {first.get('Code')}: "
+                    f"{first.get('Message')} ({len(failed)} of {len(batch)} keys not deleted)"
+                )
 
     @contextmanager
     def _errors(self, doing: str, key: str):

@@ -13,6 +13,7 @@ An S3 version is built with the local writer in a temporary folder, then publish
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -85,9 +86,15 @@ class LocalTarget:
         shutil.rmtree(repository.model_dir(self.folder, model), ignore_errors=True)
 
     def provenance(self, model: str) -> tuple[dict, str]:
-        """(what the version behind `model` was made from, where that version is); an alias is followed."""
-        found, version_dir = repository.newest_provenance(self.folder, model)
-        return found, str(version_dir)
+        """(what the version behind `model` was made from, where that version is); an alias is followed. The
+        version is the one the config lets Triton load (after a rollback, older than the newest)."""
+        found, newest = repository.newest_provenance(self.folder, model)
+        served = self.pointer(newest.parent.name).version
+        if served is None or str(served) == newest.name:
+            return found, str(newest)
+        version_dir = newest.parent / str(served)
+        manifest = json.loads((version_dir / repository.VERSION_MANIFEST).read_text(encoding="utf-8"))
+        return manifest.get("provenance", {}), str(version_dir)
 
     def pointer(self, model: str) -> Pointer:
         folder = repository.model_dir(self.folder, model)
@@ -109,15 +116,19 @@ class LocalTarget:
             shutil.rmtree(hidden, ignore_errors=True)
         return doomed
 
-    def restore(self, before: Pointer) -> None:
+    def restore(self, before: Pointer, ours: int) -> None:
         """Make the repository serve `before.version` again: its config, naming that version alone (the newer
-        version folder stays, for the post-mortem; a later deploy writes a new number)."""
+        version folder stays, for the post-mortem; a later deploy writes a new number). Only while the config still
+        lets Triton load `ours`, the version the failed deploy wrote: a deploy that committed since is not undone."""
+        folder = repository.model_dir(self.folder, before.model)
+        if self.pointer(before.model).version != ours:
+            raise RepositoryError(f"{folder} no longer serves version {ours} (another deploy since?); left as it is")
+        if not (folder / str(before.version)).is_dir():
+            raise RepositoryError(f"{folder / str(before.version)} is gone (pruned?); nothing to go back to")
         config = repository.parse_config(before.config or "")
         config.version_policy.Clear()
         config.version_policy.specific.versions.append(before.version or 0)
-        atomic_write_text(
-            repository.model_dir(self.folder, before.model) / "config.pbtxt", repository.config_text(config)
-        )
+        atomic_write_text(folder / "config.pbtxt", repository.config_text(config))
 
     def load(self, url: str, model: str, admin_key: str | None = None) -> str:
         return client.load_model(url, model, admin_key=admin_key)
@@ -189,10 +200,9 @@ class S3Target:
         return manifest.get("provenance", {}), self._path(behind, version)
 
     def pointer(self, model: str) -> Pointer:
-        version = s3_repository.served_version(self.location, model)
-        if version is None:
-            return Pointer(model, None, None)
-        return Pointer(model, version, repository.config_text(s3_repository.read_config(self.location, model)))
+        config = s3_repository.config_if_any(self.location, model)
+        version = s3_repository.served_by(config) if config is not None else None
+        return Pointer(model, version, repository.config_text(config) if version is not None else None)
 
     def prune(self, model: str, keep: int) -> list[int]:
         """Delete all but the newest `keep` complete versions of `model` and the served one (Triton downloads every
@@ -203,9 +213,9 @@ class S3Target:
         s3_repository.delete_versions(self.location, model, doomed)
         return doomed
 
-    def restore(self, before: Pointer) -> None:
-        """Put the model's config back as it was: it names `before.version` (S3 configs always name one)."""
-        s3_repository.restore_config(self.location, before.model, before.config or "")
+    def restore(self, before: Pointer, ours: int) -> None:
+        """Put the model's config back as it was (it names `before.version`), only while it names `ours`."""
+        s3_repository.restore_config(self.location, before.model, before.config or "", ours)
 
     def load(self, url: str, model: str, admin_key: str | None = None) -> str:
         """Re-read the served version against its manifest, then load it (a changed file is never loaded)."""

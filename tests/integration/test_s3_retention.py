@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import RepositoryError
 from export.onnx_export import ExportConfig, export_onnx
 from recipes import build_recipe
 from serving import s3_repository
@@ -32,5 +33,7 @@ def test_a_deploy_to_s3_keeps_the_newest_versions_and_the_served_one(s3, tmp_pat
     target = S3Target(location)
     before = target.pointer("d-fp32")
     deploy(url, "d", fp32, "fp32", ServingConfig(instance_count=5), {}, None)  # v5, kept: keep_versions 0
-    target.restore(before)  # as after a failed rollout: v4 is served again
+    with pytest.raises(RepositoryError, match="no longer names version 9"):  # another deploy's commit stays
+        target.restore(before, 9)
+    target.restore(before, 5)  # as after a failed rollout: v4 is served again
     assert target.prune("d-fp32", 1) == [3] and s3_repository.list_versions(location, "d-fp32") == [4, 5]

@@ -46,7 +46,11 @@ def test_a_run_in_s3_is_resumed_on_another_machine_and_its_stages_are_cached_for
         assert __import__("hashlib").sha256(in_s3[name]).hexdigest() == sha256_file(local_a / name)
 
     monkeypatch.setenv("TES_HOME", str(tmp_path / "machine-b"))
+    stale = tmp_path / "machine-b" / ".tes" / "s3-runs" / s3.bucket / "runs" / run_id / "train" / "checkpoint.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(bytes(len(in_s3["train/checkpoint.pt"])))  # same size, other bytes: S3's copy must win
     resumed_params, folder = resumable_run(f"{runs_url}/{run_id}")
+    assert stale.read_bytes() == in_s3["train/checkpoint.pt"]
     assert folder.path == tmp_path / "machine-b" / ".tes" / "s3-runs" / s3.bucket / "runs" / run_id
     resumed = run_pipeline(resumed_params, resume=folder)
     assert resumed.train.reason.startswith("resumed:") and resumed.export.reason.startswith("resumed:")

@@ -130,7 +130,11 @@ def test_a_deploy_keeps_the_newest_versions_and_the_served_one(tmp_path: Path, o
     assert repository.versions(tmp_path / "d-fp32") == [3, 4] and deployed.output.pruned == {"d-fp32": [2]}
     assert not list((tmp_path / "d-fp32").glob(".staging-*"))
     target = LocalTarget(tmp_path)
-    target.restore(Pointer("d-fp32", 3, (tmp_path / "d-fp32" / "config.pbtxt").read_text()))  # as after a rollback
+    before = Pointer("d-fp32", 3, (tmp_path / "d-fp32" / "config.pbtxt").read_text())
+    with pytest.raises(RepositoryError, match="no longer serves version 9"):  # another deploy's commit stays
+        target.restore(before, 9)
+    target.restore(before, 4)  # as after a rollback of v4
+    assert target.provenance("d")[1] == str(tmp_path / "d-fp32" / "3")  # what `tes infer` reads: the served one
     assert target.prune("d-fp32", 1) == [] and repository.versions(tmp_path / "d-fp32") == [3, 4]  # 3 is served
     deploy(tmp_path, "d", onnx, "fp32", ServingConfig(instance_count=5), {}, None, keep_versions=1)
     assert repository.versions(tmp_path / "d-fp32") == [5]  # the new config serves the newest again
