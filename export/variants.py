@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.errors import ExportError
+from core.errors import ExportError, StageTimeout
 from core.files import atomic_write_json, model_companions
 from core.results import VARIANTS_FILE, Artifact, StageOutput, StageResult, Status, timed
 from core.runtimes import RuntimeSettings, measure_speed, open_session, runtime_of, settings_candidates
@@ -385,6 +385,8 @@ def _settings_sessions(context, report, session, batches, reference, reports, se
         kept.append((precision, settings, None))
         try:
             candidate = open_session(report.path, report.runtime, precision, settings=settings)
+        except StageTimeout:  # the stage's time limit, raised into this thread: never a variant's fault
+            raise
         except Exception as error:  # a setting this machine cannot run is left out
             report.settings_tried.append({"precision": precision, "settings": settings.label(), "dropped": str(error)})
             continue
@@ -441,6 +443,8 @@ def _build_scored(context: _Context, name: str, batches: list, reference: list, 
         try:
             path = _build(name, context, excluded, attempt)
             session = open_session(path, runtime, runtime_precision)
+        except StageTimeout:  # the stage's time limit, raised into this thread: never a variant's fault
+            raise
         except Exception as error:  # ORT raises plain exceptions for kernels it lacks; the variant is skipped
             report.status, report.reason = "skipped", f"cannot build or run {name} here: {error}"
             return report, None
@@ -452,6 +456,8 @@ def _build_scored(context: _Context, name: str, batches: list, reference: list, 
             report.method = "nncf accuracy control"
         try:
             score(recipe, report, session, batches, reference)
+        except StageTimeout:  # the stage's time limit, raised into this thread: never a variant's fault
+            raise
         except Exception as error:  # a runtime answering the wrong shape: this variant is skipped, not the stage
             report.status, report.reason = "skipped", f"cannot score {name}: {type(error).__name__}: {error}"
             return report, None
