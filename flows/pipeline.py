@@ -382,6 +382,8 @@ def resumable_run(run: str | Path) -> tuple[PipelineParams, RunDir]:
     elif is_s3(run):  # another machine's run: downloaded into this one's copy of the S3 runs folder
         store, run_id = split_run_url(str(run))
         folder = store.download(run_id)
+        if folder.read_manifest().get("status") != "completed":
+            store.take_over(run_id)  # the machine that ran it stops writing it
     else:
         folder = RunDir(paths.resolve(run) if not Path(run).is_absolute() else Path(run), create=False)
     manifest = folder.read_manifest()

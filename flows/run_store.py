@@ -53,6 +53,7 @@ class RunStore:
         self.store = Store(self.location)
         self.root = paths.state_dir() / "s3-runs" / self.location.bucket / (self.location.prefix or "_")
         self._uploaded: dict[tuple[str, str], tuple[int, int]] = {}  # (run id, file) -> (size, mtime_ns)
+        self._claims: dict[str, str] = {}  # run id -> the ETag of the .claim that makes this machine its writer
 
     def __str__(self) -> str:
         return str(self.location)
@@ -66,7 +67,9 @@ class RunStore:
             for _ in range(100):
                 run = claim_run_dir(self.root, name)
                 body = json.dumps({"run_id": run.run_id, "host": _host()}).encode()
-                if self.store.put(self.location.key(run.run_id, CLAIM), body, if_none_match=True) is not None:
+                etag = self.store.put(self.location.key(run.run_id, CLAIM), body, if_none_match=True)
+                if etag is not None:
+                    self._claims[run.run_id] = etag
                     return self.attach(run)
                 lost.append(run)
         finally:
@@ -79,8 +82,30 @@ class RunStore:
         run.on_change = self.sync
         return run
 
+    def take_over(self, run_id: str) -> None:
+        """Make this machine the run's writer (to resume it): its `.claim` rewritten, If-Match on the one read. The
+        machine that wrote it before stops at its next mirroring (`sync` checks the claim is still its own)."""
+        key = self.location.key(run_id, CLAIM)
+        current = self.store.get(key)
+        body = json.dumps({"run_id": run_id, "host": _host(), "resumed": True}).encode()
+        etag = (
+            self.store.put(key, body, if_match=current.etag)
+            if current
+            else self.store.put(key, body, if_none_match=True)
+        )
+        if etag is None:
+            raise TesError(f"another machine took over run {run_id} in {self.location} just now; resume it there")
+        self._claims[run_id] = etag
+
     def sync(self, run: RunDir) -> None:
-        """Upload what changed in the run's local copy, each file read back against its sha256; the manifest last."""
+        """Upload what changed in the run's local copy, each file read back against its sha256; the manifest last.
+        Only while the run's claim is still this machine's: a run resumed elsewhere is not written over."""
+        found = self.store.get(self.location.key(run.run_id, CLAIM))
+        if found is None or found.etag != self._claims.get(run.run_id):
+            raise TesError(
+                f"run {run.run_id} in {self.location} is no longer this machine's to write (it was resumed elsewhere: "
+                "its .claim changed); this machine stops mirroring it"
+            )
         manifest = run.manifest_path
         files = sorted(
             p

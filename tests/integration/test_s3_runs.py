@@ -73,3 +73,21 @@ def test_a_run_in_s3_is_resumed_on_another_machine_and_its_stages_are_cached_for
 def test_an_s3_runs_dir_breaking_the_url_rules_is_refused_before_a_run_starts():
     with pytest.raises(ConfigError, match=r"runs_dir.*bucket 'Runs_Bucket'"):
         parse_params({**DIGITS, "runs_dir": "s3://Runs_Bucket/runs"})
+
+
+def test_a_run_resumed_on_another_machine_is_no_longer_written_by_the_first(s3, tmp_path, monkeypatch):
+    from core.errors import TesError
+    from flows.run_store import RunStore
+
+    url = f"s3://127.0.0.1:{s3.endpoint.rsplit(':', 1)[1]}/{s3.bucket}/takeover"
+    monkeypatch.setenv("TES_HOME", str(tmp_path / "machine-a"))
+    first = RunStore(url)
+    run = first.claim("m")
+    run.update(status="running")  # mirrored: the first machine holds the claim
+    monkeypatch.setenv("TES_HOME", str(tmp_path / "machine-b"))
+    second = RunStore(url)
+    second.download(run.run_id)
+    second.take_over(run.run_id)
+    with pytest.raises(TesError, match=f"run {run.run_id} .* is no longer this machine's to write"):
+        run.update(status="failed")  # the first machine, still running, must not write over the resumed run
+    assert json.loads(_objects(s3, f"takeover/{run.run_id}/")["manifest.json"])["status"] == "running"
