@@ -162,6 +162,14 @@ class RunDir:
     def variants(self) -> Path:
         return self.files_of("precision") / VARIANTS_FILE
 
+    def precision_variants(self) -> list[dict]:
+        """Every variant's report, as the precision stage recorded it in the manifest (whose paths are this machine's,
+        even for a run downloaded from an S3 runs_dir), else as `variants.json` holds it."""
+        recorded = self.read_manifest().get("stages", {}).get("precision", {}).get("output") or {}
+        if "variants" in recorded:
+            return recorded["variants"]
+        return json.loads(self.variants.read_text(encoding="utf-8"))
+
     @property
     def engines(self) -> Path:
         return self.path / "tensorrt"

@@ -428,7 +428,7 @@ def local_rebuild(
                 f"{cannot}: this GPU is {here}; run export-repository --rebuild on a GPU of {capability}, "
                 "or pass its engines with --engine-dir"
             )
-        variants = [VariantReport(**entry) for entry in json.loads(run.variants.read_text())]
+        variants = [VariantReport(**entry) for entry in run.precision_variants()]
         result = run_stage(
             recipe,
             run.onnx,

@@ -252,7 +252,7 @@ def export_repository(
     flavour cannot write that one, the best it wrote by `policy`, the run's). `engine_dirs` adds engine folders built
     elsewhere for this run. Engines are checked (and rebuilt, if `rebuild` is given) before any model is written."""
     run, out = RunDir(run_dir, create=False), Path(out)
-    variants = json.loads(run.variants.read_text())
+    variants = run.precision_variants()
     folders = sorted(p.parent for p in run.engines.rglob(ENGINE_MANIFEST)) + list(engine_dirs or [])
     plan, left_out = _engine_plan(run, variants, folders, target, rebuild) if folders and include_engines else ({}, [])
     result = NativeExport(versions=[], left_out=left_out)

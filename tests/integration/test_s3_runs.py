@@ -6,6 +6,7 @@ the store's stage cache. Every file is checked against its sha256 before it is r
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -68,6 +69,15 @@ def test_a_run_in_s3_is_resumed_on_another_machine_and_its_stages_are_cached_for
     assert third.run_id != run_id and json.loads(_objects(s3, f"runs/{third.run_id}/")["manifest.json"])[
         "stage_folders"
     ]["train"].startswith(str(tmp_path / "machine-c"))
+    # a native repository from the run machine B finished, exported on C: the variants' paths are C's copy
+    from flows.run_store import RunStore
+    from serving.native_repository import export_repository
+    from serving.repository import ServingConfig
+
+    shutil.rmtree(tmp_path / "machine-b")  # B is another machine: nothing of its copy is here
+    finished = RunStore(runs_url).download(run_id)
+    exported = export_repository(finished.path, tmp_path / "native", "digits", ServingConfig(), gpu=False)
+    assert "digits-fp32" in {v.model_name for v in exported.versions}
 
 
 def test_an_s3_runs_dir_breaking_the_url_rules_is_refused_before_a_run_starts():
