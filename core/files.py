@@ -97,6 +97,10 @@ def onnx_data_files(onnx_path: str | Path) -> list[Path]:
     return [onnx_path.parent / name for name in dict.fromkeys(names)]
 
 
+def has_external_data(onnx_path: str | Path) -> bool:
+    return bool(onnx_data_files(onnx_path))
+
+
 def _tensors(graph) -> Iterator:
     """Every tensor of a graph and its subgraphs: initializers, sparse initializers' values, tensor attributes."""
     yield from graph.initializer

@@ -20,7 +20,7 @@ from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_met
 from onnxruntime.quantization.registry import IntegerOpsRegistry
 
 from core.errors import ExportError
-from core.files import atomic_write_with_companions, onnx_data_files
+from core.files import atomic_write_with_companions, has_external_data
 
 
 @contextlib.contextmanager
@@ -34,10 +34,6 @@ def quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def has_external_data(onnx_path: Path) -> bool:
-    return bool(onnx_data_files(onnx_path))
 
 
 def build_int8_dynamic(

@@ -28,8 +28,8 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import ExportError, VariantSkipped
-from core.files import atomic_write_with_companions
-from export.dynamic_quant import has_external_data, quiet_root_logger
+from core.files import atomic_write_with_companions, has_external_data
+from export.dynamic_quant import quiet_root_logger
 
 log = logging.getLogger(__name__)
 

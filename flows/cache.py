@@ -157,7 +157,8 @@ def lookup(stage: str, key: str | None, runs: RunStore | None = None) -> tuple[d
     machine's index lacks is looked up in the store, and the run that made it is downloaded."""
     if key is None:
         return None
-    local = Path(_index()[key]) if key in _index() else None
+    made_by = _index().get(key)
+    local = Path(made_by) if made_by else None
     if local is not None and runs is not None and runs.root not in local.parents:
         local = None  # a run outside the shared store: other machines could not find its files
     found = _recorded(stage, local) if local is not None else None

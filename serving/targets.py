@@ -188,10 +188,12 @@ class S3Target:
 
     def provenance(self, model: str) -> tuple[dict, str]:
         """(what the served version behind `model` was made from, where it is), from its manifest alone."""
-        if s3_repository.served_version(self.location, model) is None:
+        config = s3_repository.config_if_any(self.location, model)
+        if config is None or s3_repository.served_by(config) is None:
             raise RepositoryError(f"model '{model}' has no served version in {self.location}; deploy it first")
-        behind = _alias_target(s3_repository.read_config(self.location, model)) or model
-        version = s3_repository.served_version(self.location, behind)
+        behind = _alias_target(config)
+        version = s3_repository.served_version(self.location, behind) if behind else s3_repository.served_by(config)
+        behind = behind or model
         if version is None:
             raise RepositoryError(
                 f"model '{model}' forwards to '{behind}', which has no served version in {self.location}"
